@@ -1,0 +1,1 @@
+"""Benchmarks that turn the papers' claims into tables and plots."""

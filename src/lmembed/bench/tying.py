@@ -1,0 +1,99 @@
+"""Press & Wolf 2017, Table 6: untied / tied / +projection regularisation, same seed and data."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .. import runs
+from ..config import RunConfig, paper_proj_reg
+from ..data.corpus import load_corpus
+from ..errors import LmembedError
+from ..report import markdown_table, plot_curves, write_text
+from ..train import text_options, train
+from ..utils import prepare_out_dir, read_json, write_json
+
+COMBOS = (("untied", "none", False), ("tied", "tied", False), ("untied+PR", "none", True), ("tied+PR", "tied", True))
+
+# Press & Wolf 2017, Table 6 (PTB, small = 2x200 without dropout): params, valid, test perplexity.
+PAPER_SMALL = {"untied": (4.65e6, 120.7, 114.5), "tied": (2.65e6, 117.5, 112.4),
+               "untied+PR": (4.69e6, 116.0, 111.7), "tied+PR": (2.69e6, 104.9, 100.9)}
+
+
+def bench_tying(base: RunConfig, out: str | Path, *, proj_reg: float | None = None, force: bool = False,
+                progress: bool | None = None, log=print, combos: tuple = COMBOS) -> dict[str, Any]:
+    """Train the four combinations (reusing/resuming finished ones) and write tying.{json,md,png}."""
+    out = Path(out)
+    pr = paper_proj_reg(base.batch_size, base.bptt) if proj_reg is None else proj_reg
+    if force:
+        prepare_out_dir(out, force=True)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(base.data, options=text_options(base))
+    is_ptb = any(p.name.startswith("ptb.") for p in corpus.files.get("train", []))
+    rows = []
+    for name, tie, with_pr in combos:
+        cfg = dataclasses.replace(base, tie=tie, proj_reg=pr if with_pr else 0.0)
+        run = out / name
+        metrics = _existing(run, cfg)
+        if metrics is None:
+            log(f"== {name} ==")
+            metrics = train(cfg, run, resume=(run / runs.CHECKPOINT).exists(), corpus=corpus, progress=progress,
+                            log=log)
+        row = {"model": name, **{k: metrics[k] for k in ("tie", "proj_reg", "params", "embedding_params",
+                                                         "valid_ppl", "test_ppl", "tokens_per_s", "epochs")}}
+        row["history"] = [{k: r[k] for k in ("epoch", "valid_ppl", "train_ppl")} for r in metrics["history"]]
+        if is_ptb and base.arch == "lstm" and base.preset == "small" and name in PAPER_SMALL:
+            p_params, p_valid, p_test = PAPER_SMALL[name]
+            row.update(paper_params=p_params, paper_valid_ppl=p_valid, paper_test_ppl=p_test,
+                       valid_vs_paper=metrics["valid_ppl"] / p_valid - 1,
+                       test_vs_paper=metrics["test_ppl"] / p_test - 1)
+        rows.append(row)
+    result = {"bench": "tying", "data": base.data, "arch": base.arch, "preset": base.preset, "seed": base.seed,
+              "proj_reg": pr, "config": base.to_dict(), "rows": rows}
+    write_json(out / "tying.json", result)
+    cols = ["model", "params", "valid_ppl", "test_ppl", "tokens_per_s"]
+    if any("paper_test_ppl" in r for r in rows):
+        cols += [("paper_params", "paper params"), ("paper_valid_ppl", "paper valid"), ("paper_test_ppl", "paper test"),
+                 ("test_vs_paper", "test vs paper")]
+    table = markdown_table(rows, cols)
+    curves = {r["model"]: ([h["epoch"] for h in r["history"]], [h["valid_ppl"] for h in r["history"]]) for r in rows}
+    plot_curves(out / "tying.png", curves, xlabel="epoch", ylabel="validation perplexity", logy=True,
+                title=f"weight tying: {base.arch}/{base.preset} on {Path(base.data).name}")
+    write_text(out / "tying.md", f"# Weight tying (Press & Wolf 2017): {base.arch}/{base.preset} on {base.data}\n\n"
+                                 f"Projection penalty lambda = {pr:.4g} (per token; see lmembed.config).\n\n{table}\n"
+                                 "![validation perplexity per epoch](tying.png)\n")
+    log(table)
+    return result
+
+
+def _existing(run: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """Finished metrics of a previous identical run, None if it must (re)start or resume."""
+    if not (run / runs.CONFIG).exists():
+        return None
+    saved = read_json(run / runs.CONFIG, "run config")
+    if saved != cfg.to_dict():
+        raise LmembedError(f"{run}: holds a run with a different configuration; pass --force to retrain")
+    m = read_json(run / runs.METRICS, "run metrics") if (run / runs.METRICS).exists() else {}
+    return m if m.get("finished") else None
+
+
+def add_parser(sub) -> None:
+    from ..commands.common import add_data_args, add_model_args, config_from_args, progress_flag
+
+    p = sub.add_parser("tying", help="untied / tied / +PR (Press & Wolf 2017, Table 6)",
+                       description="Train the four tying combinations with the same seed; print one table.")
+    add_data_args(p)
+    add_model_args(p, tie=False)
+    p.add_argument("--proj-reg", type=float, default=None, metavar="LAMBDA",
+                   help="penalty for the +PR rows (default: Press & Wolf's, 1/(13*batch*bptt))")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="retrain everything in --out")
+    progress_flag(p)
+
+    def run(args) -> int:
+        base = config_from_args(args, tie="none", proj_reg=0.0)
+        bench_tying(base, args.out, proj_reg=args.proj_reg, force=args.force, progress=args.progress)
+        return 0
+
+    p.set_defaults(func=run)

@@ -1,0 +1,53 @@
+"""Flags shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import ARCHS, TIE_MODES, make_config
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="shakespeare",
+                   help="bundled corpus name or a directory in PTB / WikiText / {train,valid,test}.txt layout")
+    g.add_argument("--tokenize", choices=["whitespace", "words"], help="split on whitespace (pre-tokenised "
+                   "corpora) or into words and punctuation (raw text); default: the corpus' own")
+    g.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--max-vocab", type=int, help="keep the N most frequent words, the rest become <unk>")
+    g.add_argument("--min-freq", type=int, help="words seen fewer times in train become <unk>")
+    g.add_argument("--bpe", type=int, metavar="N", help="byte-level BPE vocabulary of size N instead of words")
+    g.add_argument("--train-tokens", type=int, metavar="N", help="train on the first N tokens only")
+
+
+def add_model_args(p: argparse.ArgumentParser, *, tie: bool = True) -> None:
+    g = p.add_argument_group("model and optimisation (defaults come from --preset)")
+    g.add_argument("--arch", default="lstm", choices=ARCHS)
+    g.add_argument("--preset", default="small", help="lstm: tiny, demo, small, medium, large; transformer: tiny, small")
+    if tie:
+        g.add_argument("--tie", default="none", choices=TIE_MODES, help="tied: one matrix for input and output (U = V)")
+        g.add_argument("--proj-reg", type=float, default=0.0, metavar="LAMBDA",
+                       help="projection P before the output embedding with penalty LAMBDA*||P||^2 added to the "
+                            "mean token loss (0 = off; Press & Wolf's setting is 1/(13*batch*bptt))")
+    for flag, typ in (("--epochs", int), ("--lr", float), ("--batch-size", int), ("--bptt", int), ("--clip", float),
+                      ("--dropout", float), ("--emb-dim", int), ("--hidden", int), ("--layers", int),
+                      ("--eval-batch-size", int)):
+        g.add_argument(flag, type=typ)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+
+
+def config_from_args(args: argparse.Namespace, **fixed):
+    """RunConfig from the preset plus every flag the user gave."""
+    names = ["data", "tokenize", "lowercase", "max_vocab", "min_freq", "bpe", "train_tokens", "tie", "proj_reg",
+             "epochs", "lr", "batch_size", "bptt", "clip", "dropout", "emb_dim", "hidden", "layers",
+             "eval_batch_size", "seed", "device", "amp"]
+    over = {n: getattr(args, n, None) for n in names}
+    over.update(fixed)
+    return make_config(args.arch, args.preset, **over)
+
+
+def progress_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when writing to a terminal)")

@@ -1,0 +1,68 @@
+"""Output heads. One class covers Press & Wolf's four variants through two orthogonal switches.
+
+- tie: the output matrix V *is* the input embedding's Parameter (U = V): one V x d matrix.
+- projection (PR): an extra matrix P between the last hidden layer and V, penalised by
+  ``penalty() = ||P||_F^2`` (the trainer multiplies it by ``proj_reg``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LMHead(nn.Module):
+    def __init__(self, hidden: int, emb_dim: int, vocab_size: int, *, projection: bool, bias: bool = True):
+        super().__init__()
+        # P maps the hidden state to the embedding size; without it, V's width is the hidden size.
+        self.proj = nn.Linear(hidden, emb_dim) if projection else None
+        self.out = nn.Linear(emb_dim if projection else hidden, vocab_size, bias=bias)
+
+    def tie_to(self, embedding: nn.Embedding) -> None:
+        if embedding.weight.shape != self.out.weight.shape:
+            raise ValueError(
+                f"cannot tie: embedding {tuple(embedding.weight.shape)} vs output {tuple(self.out.weight.shape)}"
+            )
+        self.out.weight = embedding.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.proj is not None:
+            h = self.proj(h)
+        return self.out(h)
+
+    def penalty(self) -> torch.Tensor | None:
+        return None if self.proj is None else self.proj.weight.pow(2).sum()
+
+
+class EmbeddingAPI:
+    """The transformers conventions (get/set input/output embeddings, tie_weights) for lmembed's
+    own models, so that compression and analysis code treats them like any HF model."""
+
+    embedding: nn.Module
+    head: LMHead
+    tied: bool
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embedding
+
+    def set_input_embeddings(self, module: nn.Module) -> None:
+        self.embedding = module
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head.out
+
+    def set_output_embeddings(self, module: nn.Module) -> None:
+        self.head.out = module
+
+    def tie_weights(self) -> None:
+        if self.tied:
+            self.head.tie_to(self.embedding)
+
+    def penalty(self) -> torch.Tensor | None:
+        return self.head.penalty()
+
+    def embedding_params(self) -> int:
+        """Distinct parameters in the input and output embedding matrices (tied counts once)."""
+        seen = {id(self.embedding.weight): self.embedding.weight.numel()}
+        seen[id(self.head.out.weight)] = self.head.out.weight.numel()
+        return sum(seen.values())

@@ -1,0 +1,33 @@
+"""Zaremba-style LSTM language model (the model of Press & Wolf's PTB experiments)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from .heads import EmbeddingAPI, LMHead
+
+
+class LSTMLM(nn.Module, EmbeddingAPI):
+    recurrent = True
+
+    def __init__(self, cfg: RunConfig, vocab_size: int):
+        super().__init__()
+        self.tied = cfg.tie == "tied"
+        self.embedding = nn.Embedding(vocab_size, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.dropout)  # on inputs, between layers (nn.LSTM) and on the output
+        self.rnn = nn.LSTM(cfg.emb_dim, cfg.hidden, cfg.layers, batch_first=True,
+                           dropout=cfg.dropout if cfg.layers > 1 else 0.0)
+        self.head = LMHead(cfg.hidden, cfg.emb_dim, vocab_size, projection=cfg.proj_reg > 0)
+        for p in self.parameters():  # TF's random_uniform_initializer(-init_scale, init_scale)
+            nn.init.uniform_(p, -cfg.init_range, cfg.init_range)
+        self.tie_weights()  # U = V: one Parameter shared by input and output
+
+    def forward(self, x: torch.Tensor, state=None):
+        h, state = self.rnn(self.drop(self.embedding(x)), state)
+        return self.head(self.drop(h)), state
+
+    @staticmethod
+    def detach_state(state):
+        return None if state is None else tuple(s.detach() for s in state)

@@ -1,0 +1,41 @@
+"""Shared fixtures: small real-looking corpora written to temp dirs, and CPU-only settings."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Corpus caches of bundled corpora go to a per-session temp dir, not ~/.cache."""
+    monkeypatch.setenv("LMEMBED_CACHE", str(tmp_path_factory.getbasetemp() / "lmembed-cache"))
+
+
+def _sentences(n: int, seed: int) -> list[str]:
+    """A tiny grammar: learnable structure, so a model's loss must fall if training works."""
+    rng = random.Random(seed)
+    subj = ["the cat", "a dog", "the bird", "my friend", "the teacher", "a child"]
+    verb = ["sees", "likes", "finds", "follows", "calls", "helps"]
+    obj = ["the ball", "a tree", "the house", "the river", "a book", "the garden"]
+    return [f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)} ." for _ in range(n)]
+
+
+def write_corpus(root: Path, layout: str = "ptb", n_train: int = 1500, seed: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    pattern = {"ptb": "ptb.{}.txt", "wikitext": "wiki.{}.tokens", "plain": "{}.txt"}[layout]
+    for i, (split, n) in enumerate((("train", n_train), ("valid", 200), ("test", 200))):
+        (root / pattern.format(split)).write_text("\n".join(_sentences(n, seed + i)) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "tiny")
