@@ -80,10 +80,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path, mo
 
     forward, calls = LSTMLM.forward, []
 
-    def poisoned(self, x, state=None):  # the weights blow up on the 5th training step
-        logits, state = forward(self, x, state)
+    def poisoned(self, x, state=None, **kw):  # the weights blow up on the 5th training step
+        out, state = forward(self, x, state, **kw)
         calls.append(1)
-        return (logits * float("nan"), state) if self.training and len(calls) >= 5 else (logits, state)
+        return (out * float("nan"), state) if self.training and len(calls) >= 5 else (out, state)
 
     monkeypatch.setattr(LSTMLM, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match=r"epoch 2 step 5: training loss is nan.*last good checkpoint is kept"):
@@ -148,3 +148,9 @@ def test_transformer_window_eval_equals_manual(tiny_corpus, tmp_path):
     manual = torch.nn.functional.cross_entropy(logits[0], torch.from_numpy(ids[1:].astype(np.int64)), reduction="sum")
     assert n == 15 and math.isclose(nll, manual.item(), rel_tol=1e-5)
     assert ppl(nll, n) == pytest.approx(math.exp(manual.item() / 15))
+
+
+def test_max_steps_bounds_training(tiny_corpus, tmp_path):
+    m = lmembed.train(_cfg(tiny_corpus, epochs=5, max_steps=7), tmp_path / "run", progress=False, log=lambda s: None)
+    assert sum(r["steps"] for r in m["history"]) == 7
+    assert m["epochs"] == 1 and m["finished"]

@@ -60,10 +60,13 @@ class RunConfig:
     bptt: int = 20
     eval_batch_size: int = 1
     epochs: int = 13
+    max_steps: int | None = None  # stop after this many optimizer steps in all (big corpora)
     # run
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp16 | off
+    ce_chunk: int = 0  # >0: chunked softmax cross-entropy, never all (tokens x V) logits at once
+    compile: bool = False  # torch.compile the model for training
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +97,8 @@ class RunConfig:
         for name in ("emb_dim", "hidden", "layers", "batch_size", "bptt", "eval_batch_size", "epochs"):
             if getattr(self, name) <= 0:
                 raise LmembedError(f"{name} = {getattr(self, name)}: must be positive")
+        if self.ce_chunk < 0:
+            raise LmembedError(f"--ce-chunk {self.ce_chunk}: must be >= 0 (0 = off)")
         if not 0 <= self.dropout < 1:
             raise LmembedError(f"--dropout {self.dropout}: must be in [0, 1)")
         if self.tie == "tied" and self.emb_dim != self.hidden and self.proj_reg == 0:

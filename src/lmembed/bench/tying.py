@@ -71,8 +71,8 @@ def _existing(run: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """Finished metrics of a previous identical run, None if it must (re)start or resume."""
     if not (run / runs.CONFIG).exists():
         return None
-    saved = read_json(run / runs.CONFIG, "run config")
-    if saved != cfg.to_dict():
+    saved = RunConfig.from_dict(read_json(run / runs.CONFIG, "run config"), str(run / runs.CONFIG))
+    if saved != cfg:
         raise LmembedError(f"{run}: holds a run with a different configuration; pass --force to retrain")
     m = read_json(run / runs.METRICS, "run metrics") if (run / runs.METRICS).exists() else {}
     return m if m.get("finished") else None

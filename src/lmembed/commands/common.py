@@ -29,20 +29,25 @@ def add_model_args(p: argparse.ArgumentParser, *, tie: bool = True) -> None:
         g.add_argument("--proj-reg", type=float, default=0.0, metavar="LAMBDA",
                        help="projection P before the output embedding with penalty LAMBDA*||P||^2 added to the "
                             "mean token loss (0 = off; Press & Wolf's setting is 1/(13*batch*bptt))")
-    for flag, typ in (("--epochs", int), ("--lr", float), ("--batch-size", int), ("--bptt", int), ("--clip", float),
+    for flag, typ in (("--epochs", int), ("--max-steps", int),
+                      ("--lr", float), ("--batch-size", int), ("--bptt", int), ("--clip", float),
                       ("--dropout", float), ("--emb-dim", int), ("--hidden", int), ("--layers", int),
                       ("--eval-batch-size", int)):
         g.add_argument(flag, type=typ)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    g.add_argument("--ce-chunk", type=int, metavar="N",
+                   help="chunked softmax cross-entropy, N tokens at a time: never holds all (tokens x V) logits "
+                        "(large vocabularies)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
 
 
 def config_from_args(args: argparse.Namespace, **fixed):
     """RunConfig from the preset plus every flag the user gave."""
     names = ["data", "tokenize", "lowercase", "max_vocab", "min_freq", "bpe", "train_tokens", "tie", "proj_reg",
-             "epochs", "lr", "batch_size", "bptt", "clip", "dropout", "emb_dim", "hidden", "layers",
-             "eval_batch_size", "seed", "device", "amp"]
+             "epochs", "max_steps", "lr", "batch_size", "bptt", "clip", "dropout", "emb_dim", "hidden", "layers",
+             "eval_batch_size", "seed", "device", "amp", "ce_chunk", "compile"]
     over = {n: getattr(args, n, None) for n in names}
     over.update(fixed)
     return make_config(args.arch, args.preset, **over)

@@ -76,14 +76,19 @@ def lm_nll(
     amp: str = "auto",
     stride: int | None = None,
     progress: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[float, int]:
-    """Summed NLL and token count of a token stream under one of lmembed's LMs."""
+    """Summed NLL and token count of a token stream under one of lmembed's LMs.
+
+    rank/world: this process scores only its share of the rows (data-parallel evaluation; the
+    caller sums the results over ranks)."""
     was_training = model.training
     model.eval()
     try:
         with autocast_for(device, amp):
             if getattr(model, "recurrent", False):
-                batches = StreamBatches(ids, batch_size, bptt)
+                batches = StreamBatches(ids, batch_size, bptt, rank=rank, world=world)
                 state, total, count = None, 0.0, 0
                 for x, y in tqdm(batches, desc="eval", disable=not progress, leave=False):
                     x, y = x.to(device), y.to(device)
@@ -94,7 +99,15 @@ def lm_nll(
                 return total, count
             b = min(batch_size, max(1, len(ids) // 2))
             n = len(ids) // b
-            rows = torch.from_numpy(np.array(ids[: b * n], dtype=np.int64)).view(b, n).to(device)
+            rows = torch.from_numpy(np.array(ids[: b * n], dtype=np.int64)).view(b, n)
+            if world > 1:  # this rank's rows; with uneven rows rank 0 scores them all
+                if b % world:
+                    rows = rows if rank == 0 else rows[:0]
+                else:
+                    rows = rows[rank * b // world : (rank + 1) * b // world]
+                if rows.shape[0] == 0:
+                    return 0.0, 0
+            rows = rows.to(device)
             return window_nll(lambda x: model(x)[0], rows, window=bptt, stride=stride, progress=progress)
     finally:
         model.train(was_training)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .softmax import chunked_cross_entropy, full_cross_entropy
+
 
 class LMHead(nn.Module):
     def __init__(self, hidden: int, emb_dim: int, vocab_size: int, *, projection: bool, bias: bool = True):
@@ -29,6 +31,15 @@ class LMHead(nn.Module):
         if self.proj is not None:
             h = self.proj(h)
         return self.out(h)
+
+    def loss(self, h: torch.Tensor, target: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """Mean token cross-entropy; chunk > 0 never holds all (tokens x V) logits at once."""
+        if not chunk or not isinstance(self.out, nn.Linear):
+            return full_cross_entropy(self(h), target)
+        if self.proj is not None:
+            h = self.proj(h)
+        return chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.out.weight, self.out.bias,
+                                     target.reshape(-1), chunk)
 
     def penalty(self) -> torch.Tensor | None:
         return None if self.proj is None else self.proj.weight.pow(2).sum()

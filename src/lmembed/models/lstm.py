@@ -24,9 +24,14 @@ class LSTMLM(nn.Module, EmbeddingAPI):
             nn.init.uniform_(p, -cfg.init_range, cfg.init_range)
         self.tie_weights()  # U = V: one Parameter shared by input and output
 
-    def forward(self, x: torch.Tensor, state=None):
+    def forward(self, x: torch.Tensor, state=None, targets: torch.Tensor | None = None, ce_chunk: int = 0):
+        """(logits, state); with targets, (mean token loss, state) — computed inside forward so that
+        DistributedDataParallel sees it and the chunked softmax can skip the full logits."""
         h, state = self.rnn(self.drop(self.embedding(x)), state)
-        return self.head(self.drop(h)), state
+        h = self.drop(h)
+        if targets is not None:
+            return self.head.loss(h, targets, ce_chunk), state
+        return self.head(h), state
 
     @staticmethod
     def detach_state(state):

@@ -52,7 +52,8 @@ class TransformerLM(nn.Module, EmbeddingAPI):
                     nn.init.zeros_(m.bias)
         self.tie_weights()
 
-    def forward(self, x: torch.Tensor, state=None):
+    def forward(self, x: torch.Tensor, state=None, targets: torch.Tensor | None = None, ce_chunk: int = 0):
+        """(logits, None); with targets, (mean token loss, None) — see LSTMLM.forward."""
         t = x.shape[1]
         if t > self.max_len:
             raise ValueError(f"sequence of {t} tokens exceeds the model's context of {self.max_len}")
@@ -60,7 +61,10 @@ class TransformerLM(nn.Module, EmbeddingAPI):
         h = self.drop(h)
         for block in self.blocks:
             h = block(h)
-        return self.head(self.ln_f(h)), None
+        h = self.ln_f(h)
+        if targets is not None:
+            return self.head.loss(h, targets, ce_chunk), None
+        return self.head(h), None
 
     @staticmethod
     def detach_state(state):
