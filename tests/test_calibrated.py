@@ -23,11 +23,11 @@ def stats():
     return calibrate(build("llama-tied"), _ids(1024), tokens=1024, window=64, cache=False)
 
 
-def weighted_error(model_orig, model_comp, stats, side="tied", mix=1.0):
+def weighted_error(model_orig, model_comp, stats, side="tied", mix=1.0, floor=0.1):
     e = model_orig.get_input_embeddings().weight.detach().double()
     ehat = model_comp.get_input_embeddings().dense().double()
     m = stats.column_metric(side, mix=mix)
-    w = stats.row_weights(side, mix=mix).double()
+    w = stats.row_weights(side, mix=mix, floor=floor).double()
     diff = e - ehat
     return (w * ((diff @ m) * diff).sum(1)).sum().item()
 
@@ -52,6 +52,7 @@ def test_statistics_are_cached_on_disk(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("calibrated, plain", [("wsvd:8", "svd:8"), ("wsvd:16", "svd:16"),
+                                                ("wae:8:epochs=3", "ae:8:epochs=3"),
                                                 ("gptq-int4:g8", "int4:g8"), ("gptq-int3:g16", "int3:g16")])
 def test_calibrated_beats_uncalibrated_on_the_weighted_objective(stats, calibrated, plain):
     orig = build("llama-tied")
@@ -60,6 +61,25 @@ def test_calibrated_beats_uncalibrated_on_the_weighted_objective(stats, calibrat
     rb = lmembed.compress(b, plain)
     assert ra["stored_bytes"] == rb["stored_bytes"]  # the same budget
     assert weighted_error(orig, a, stats) < 0.97 * weighted_error(orig, b, stats)
+
+
+def test_mixed_precision_spends_bits_where_they_pay(stats):
+    """At int4:g8's budget for codes and scales (6 bits/value) plus its one-byte row map,
+    the allocation is at least as good as uniform GPTQ int4 (its own feasible point) and beats
+    round-to-nearest; rows that get 8 bits weigh more than rows that get 2 or 3."""
+    orig = build("llama-tied")
+    mixed, gptq, rtn = build("llama-tied"), build("llama-tied"), build("llama-tied")
+    rm = lmembed.compress(mixed, "mixed:6.25:g8:floor=0.01", calib=stats)
+    lmembed.compress(gptq, "gptq-int4:g8", calib=stats)
+    rr = lmembed.compress(rtn, "int4:g8")
+    assert rm["stored_bytes"] <= rr["stored_bytes"] + V  # + the row map, one byte per row
+    e_mixed, e_gptq = weighted_error(orig, mixed, stats, floor=0.01), weighted_error(orig, gptq, stats, floor=0.01)
+    assert e_mixed <= e_gptq * 1.0001 and e_mixed < weighted_error(orig, rtn, stats, floor=0.01)
+    emb = mixed.get_input_embeddings()
+    bits = torch.tensor([p.bits for p in emb.parts])[emb.row_class.long()]
+    w = stats.row_weights("tied", mix=1.0, floor=0.01)
+    if (bits == 8).any() and (bits <= 3).any():
+        assert w[bits == 8].mean() > w[bits <= 3].mean()
 
 
 def test_calibration_from_text_with_tokenizer(tmp_path):

@@ -38,7 +38,9 @@ def _slug(method: str, side: str) -> str:
 def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str = DEFAULT_METHODS,
                    sides: str = "auto", max_tokens: int = 8192, seed: int = 0, force: bool = False,
                    resume: bool = True, progress: bool | None = None, log=print, subject: Subject | None = None,
-                   calib: Any = None) -> dict[str, Any]:
+                   calib: Any = None, calib_tokens: int = 16_384) -> dict[str, Any]:
+    """calib (a text spec or ids): the original model is calibrated once, every row reuses the
+    statistics (rows that trim the vocabulary recalibrate their trimmed model)."""
     out = Path(out)
     if force:
         prepare_out_dir(out, force=True)
@@ -56,6 +58,15 @@ def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str 
     side_list = _sides(sides, sites)
     settings = {"model": model_spec, "text": text, "max_tokens": max_tokens, "seed": seed,
                 "metric": subject.metric, "eval": subject.eval_settings}
+    stats = None
+    if calib is not None:
+        from ..compress.calibrate import CalibStats, calibrate
+
+        t0 = time.perf_counter()
+        stats = calib if isinstance(calib, CalibStats) else calibrate(
+            subject.model, calib, tokenizer=subject.tokenizer, tokens=calib_tokens, seed=seed, progress=progress)
+        settings["calib"] = {"source": stats.source, "tokens": stats.tokens}
+        log(f"calibrated on {stats.tokens} tokens of {stats.source} ({time.perf_counter() - t0:.0f} s)")
     prev = out / "settings.json"
     if prev.exists() and read_json(prev) != settings and not force:
         raise LmembedError(f"{prev}: this folder holds a bench with other settings; pass --force to start over")
@@ -68,7 +79,7 @@ def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str 
         for method in method_list:
             path = out / "rows" / f"{_slug(method, side)}.json"
             row = _cached(path, resume, lambda m=method, s=side: _method_row(subject, m, s, seed, progress, log,
-                                                                             dense, calib, fits))
+                                                                             dense, stats, fits, calib))
             rows.append(row)
             log(f"{row['method']:>24s} [{row['side']}] ratio {row['ratio']:6.2f}x  {subject.metric} "
                 f"{row['metric']:.4g} ({row['delta_pct']:+.2f} %)")
@@ -124,10 +135,13 @@ def _dense_row(subject: Subject, sites, log) -> dict[str, Any]:
 
 
 def _method_row(subject: Subject, method: str, side: str, seed: int, progress, log, dense: dict,
-                calib: Any, fits: dict) -> dict[str, Any]:
+                stats: Any, fits: dict, calib_spec: Any = None) -> dict[str, Any]:
     model = copy.deepcopy(subject.model)
-    rep = compress(model, method, side=side, seed=seed, progress=progress, log=log, calib=calib, cache=fits,
-                   tokenizer=subject.tokenizer)
+    trims = method.strip().startswith("trim")  # statistics of the full vocabulary do not fit a trimmed one
+    calib = (calib_spec if trims else stats) if stats is not None else None
+    needs = any(m.needs_calib for m in check_method(method, *find_sites(model).input_weight.shape))
+    rep = compress(model, method, side=side, seed=seed, progress=progress, log=log,
+                   calib=calib if needs else None, cache=fits, tokenizer=subject.tokenizer)
     new_tok = rep.pop("tokenizer", None)  # a trimmed vocabulary: evaluate with its remapped tokenizer
     if new_tok is not None and subject.for_tokenizer is None:
         raise LmembedError(f"method {method!r}: this bench's {subject.metric} cannot evaluate a trimmed vocabulary")
@@ -166,11 +180,15 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
+    p.add_argument("--calib", help="calibration text for calibrated methods (wsvd, wae, gptq-intB, mixed, kl); "
+                                   "keep it apart from --data")
+    p.add_argument("--calib-tokens", type=int, default=16_384, help="calibration budget in tokens")
     progress_flag(p)
 
     def run(args) -> int:
         bench_compress(args.model, args.out, text=args.data, methods=args.methods, sides=args.sides,
-                       max_tokens=args.max_tokens, seed=args.seed, force=args.force, progress=args.progress)
+                       max_tokens=args.max_tokens, seed=args.seed, force=args.force, progress=args.progress,
+                       calib=args.calib, calib_tokens=args.calib_tokens)
         return 0
 
     p.set_defaults(func=run)

@@ -36,13 +36,15 @@ def _init(s: str) -> str:
 
 
 def ae_loss(x_hat: torch.Tensor, x: torch.Tensor, *, lam: float, cos_div: float, alpha: float,
-            l2: float = 0.0) -> torch.Tensor:
-    """The direction-aware reconstruction loss (module docstring), averaged over the batch."""
-    loss = (1 - lam) / cos_div * (1 - F.cosine_similarity(x_hat, x, dim=-1)).mean()
+            l2: float = 0.0, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The direction-aware reconstruction loss (module docstring), averaged over the batch;
+    `row_weight` (mean ~1) weighs each row's terms (calibrated variant)."""
+    w = row_weight if row_weight is not None else torch.ones(len(x), device=x.device)
+    loss = (1 - lam) / cos_div * (w * (1 - F.cosine_similarity(x_hat, x, dim=-1))).mean()
     if lam:
-        loss = loss + lam * ((x_hat - x).abs() + 1e-10).pow(alpha).mean()
+        loss = loss + lam * (w[:, None] * ((x_hat - x).abs() + 1e-10).pow(alpha)).mean()
     if l2:
-        loss = loss + l2 * (x_hat - x).pow(2).mean().sqrt()
+        loss = loss + l2 * (w[:, None] * (x_hat - x).pow(2)).mean().sqrt()
     return loss
 
 
@@ -80,9 +82,16 @@ class AutoEncoder(Method):
 
     def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
         self.check(*weight.shape)
-        v, d, k = weight.shape[0], weight.shape[1], self.rank
+        codes, dec_w, dec_b = self.train(weight.detach().float(), ctx)
+        return FactorizedEmbedding(codes, dec_w.t().contiguous(), dec_b)
+
+    def train(self, x_all: torch.Tensor, ctx: FitContext,
+              row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes V x k, decoder weight d x k, decoder bias d) of an autoencoder fitted to the rows."""
+        v, d, k = x_all.shape[0], x_all.shape[1], self.rank
         dev = ctx.device
-        x_all = weight.detach().float().to(dev)
+        x_all = x_all.to(dev)
+        rw = row_weight.float().to(dev) if row_weight is not None else None
         gen = torch.Generator(device="cpu").manual_seed(ctx.seed)
         if self.init == "svd":
             vk = top_right_singular_vectors(x_all, k)  # d x k
@@ -107,9 +116,10 @@ class AutoEncoder(Method):
             alpha = self.alpha_at(epoch)
             perm = torch.randperm(v, generator=gen).to(dev)
             for s in range(0, v, self.batch):
-                x = x_all[perm[s : s + self.batch]]
+                idx = perm[s : s + self.batch]
+                x = x_all[idx]
                 loss = ae_loss(F.linear(encode(x), dec_w, dec_b), x, lam=self.lam, cos_div=self.cos_div,
-                               alpha=alpha, l2=self.l2)
+                               alpha=alpha, l2=self.l2, row_weight=rw[idx] if rw is not None else None)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -117,7 +127,7 @@ class AutoEncoder(Method):
             sched.step()
             with torch.no_grad():
                 loss_val = ae_loss(F.linear(encode(x_all), dec_w, dec_b), x_all, lam=self.lam,
-                                   cos_div=self.cos_div, alpha=alpha, l2=self.l2).item()
+                                   cos_div=self.cos_div, alpha=alpha, l2=self.l2, row_weight=rw).item()
             if not math.isfinite(loss_val):
                 raise LmembedError(f"method {self.text!r}: loss became {loss_val} in epoch {epoch + 1}; "
                                    "lower lr or use init=svd")
@@ -126,7 +136,7 @@ class AutoEncoder(Method):
         ctx.log(f"{self.text}: final loss {loss_val:.5g}")
         with torch.no_grad():
             codes = encode(x_all)
-        return FactorizedEmbedding(codes.cpu(), dec_w.detach().t().contiguous().cpu(), dec_b.detach().cpu())
+        return codes.cpu(), dec_w.detach().cpu(), dec_b.detach().cpu()
 
 
 register(AutoEncoder)

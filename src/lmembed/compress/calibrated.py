@@ -19,6 +19,7 @@ import math
 import torch
 
 from ..errors import LmembedError
+from .autoencoder import AutoEncoder, _init
 from .modules import (
     CompressedEmbedding,
     FactorizedEmbedding,
@@ -60,6 +61,7 @@ def metric_for(method: Method, ctx: FitContext, dim: int) -> torch.Tensor:
 
 @register
 class WeightedSVD(Method):
+    needs_calib = True
     name = "wsvd"
     summary = "calibrated low-rank: SVD after whitening by the hidden-state second moments (needs calib)"
     positional = (Arg("rank", int, required=True),)
@@ -121,6 +123,7 @@ def gptq_rows(weight: torch.Tensor, metric: torch.Tensor, bits: int, group: int,
 
 
 class GPTQ(Method):
+    needs_calib = True
     bits = 4
     positional = (Arg("group", group_size, default=None, help="gG: G columns per scale (default: whole row)"),)
     options = (
@@ -145,3 +148,30 @@ for _bits in (8, 4, 3, 2):
         "name": f"gptq-int{_bits}", "bits": _bits,
         "summary": f"{_bits}-bit codes rounded GPTQ-style against the calibration metric (needs calib)",
     }))
+
+
+@register
+class WeightedAutoEncoder(AutoEncoder):
+    """The direction-aware autoencoder trained where the calibrated error is measured: on the
+    rows whitened by the metric (X = E L, M = L Lᵀ), each row's loss weighted by its importance,
+    started from the weighted SVD; the decoder is mapped back (Ê = X̂ L⁻¹)."""
+
+    needs_calib = True
+    name = "wae"
+    summary = "calibrated direction-aware autoencoder: ae in the whitened space, rows weighted (needs calib)"
+    options = (*(a for a in AutoEncoder.options if a.name not in ("init", "epochs")),
+               Arg("init", _init, "svd", "svd (the weighted SVD solution) or random"),
+               Arg("epochs", int, 10),
+               Arg("mix", _fraction, 1.0, "tied matrices: weight of the output role"),
+               Arg("damp", non_negative_float, 0.01, "added to the metric's diagonal, relative to its mean"),
+               Arg("floor", non_negative_float, 0.1, "row weights: floor as a fraction of the mean"))
+
+    def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
+        self.check(*weight.shape)
+        calib = need_calib(self, ctx)
+        w = weight.detach().double().cpu()
+        chol = torch.linalg.cholesky(metric_for(self, ctx, w.shape[1]))
+        rw = calib.row_weights(ctx.side, mix=self.mix, floor=self.floor)
+        codes, dec_w, dec_b = self.train((w @ chol).float(), ctx, row_weight=rw)
+        back = torch.linalg.inv(chol).float()  # X̂ L⁻¹: decoder and bias back to the embedding space
+        return FactorizedEmbedding(codes, (dec_w.t() @ back).contiguous(), dec_b @ back)

@@ -23,6 +23,7 @@ from .registry import Arg, FitContext, Method, non_negative_float, positive_int,
 
 @register
 class KLFinetune(Method):
+    needs_calib = True
     name = "kl"
     summary = "calibration fine-tune of the previous stage's scales/factors (KL to the original next-token dist.)"
     whole_module = True

@@ -125,11 +125,12 @@ def allocate(costs: torch.Tensor, bits_per_row: torch.Tensor, budget: float) -> 
 
 @register
 class Mixed(Method):
+    needs_calib = True
     name = "mixed"
     summary = "mixed-precision rows (calibrated): AVG stored bits per value, widths chosen by token sensitivity"
-    positional = (Arg("avg", float, required=True, help="stored bits per matrix value, codes + scales + map"),)
+    positional = (Arg("avg", float, required=True, help="stored bits per matrix value, codes + scales + map"),
+                  Arg("group", group_size, 32, "gG: columns per fp16 scale (default g32)"))
     options = (
-        Arg("g", group_size, 32, "columns per fp16 scale"),
         Arg("choices", _choices, (2, 3, 4, 8), "allowed widths, e.g. 3-4-8"),
         Arg("mix", _fraction, 1.0, "tied matrices: weight of the output role (1 - mix: input role)"),
         Arg("damp", non_negative_float, 0.01, "added to the metric's diagonal, relative to its mean"),
@@ -139,9 +140,9 @@ class Mixed(Method):
     )
 
     def check(self, num_embeddings: int, dim: int) -> None:
-        if self.g > dim:
-            raise LmembedError(f"method {self.text!r}: group size {self.g} exceeds the embedding dimension {dim}")
-        lo = min(self.choices) + 16 / self.g + 8 / dim
+        if self.group > dim:
+            raise LmembedError(f"method {self.text!r}: group size {self.group} exceeds the embedding dimension {dim}")
+        lo = min(self.choices) + 16 / self.group + 8 / dim
         if self.avg < lo:
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
                                f"({lo:.2f} with its scales and the row map)")
@@ -152,10 +153,10 @@ class Mixed(Method):
         calib = need_calib(self, ctx)
         metric = metric_for(self, ctx, d)
         rw = calib.row_weights(ctx.side, mix=self.mix, floor=self.floor)
-        groups = math.ceil(d / self.g)
+        groups = math.ceil(d / self.group)
         cands, costs = [], []
         for b in self.choices:
-            q = gptq_rows(weight, metric, b, self.g, grid=self.grid, clip=self.clip)
+            q = gptq_rows(weight, metric, b, self.group, grid=self.grid, clip=self.clip)
             cands.append(q)
             costs.append(row_costs(weight, q, rw, metric))
         row_bits = torch.tensor([math.ceil(d * b / 8) * 8 + 16 * groups + 8 for b in self.choices], dtype=torch.float64)

@@ -48,6 +48,7 @@ class Method:
     name: str = ""
     summary: str = ""
     whole_module = False  # True: apply() takes containers whole instead of part by part
+    needs_calib = False  # True: fit() reads ctx.calib (calibrated methods)
     positional: tuple[Arg, ...] = ()
     options: tuple[Arg, ...] = ()
     vocabulary: bool = False  # changes the vocabulary (trim): only allowed as the first stage

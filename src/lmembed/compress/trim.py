@@ -127,7 +127,7 @@ class Trim(Method):
         raise LmembedError(f"method {self.text!r} changes the vocabulary: it must be the first pipeline stage")
 
     def select(self, tokenizer: Any, vocab_size: int, extra_ids: set[int]) -> tuple[list[int], dict[str, Any]]:
-        """Sorted kept ids and the counts behind them."""
+        """Sorted kept ids, and a report of where they come from."""
         j = backend_json(tokenizer)
         cc = token_counts(tokenizer, self.corpus, vocab_size, self.split)
         counts = cc.counts
