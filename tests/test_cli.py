@@ -57,3 +57,8 @@ def test_train_eval_and_bench_cli(tiny_corpus, tmp_path, capsys):
     assert main(argv) == 0
     again = json.loads((out / "tying.json").read_text())
     assert again["rows"] == table["rows"]
+    # --models picks rows (reused); a misspelt name is a one-line error
+    assert main([*argv, "--models", "tied,untied"]) == 0
+    picked = json.loads((out / "tying.json").read_text())["rows"]
+    assert [r["model"] for r in picked] == ["untied", "tied"] and picked[0] == table["rows"][0]
+    assert main([*argv, "--models", "tied,tyed"]) == 2

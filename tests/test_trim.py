@@ -109,6 +109,10 @@ def test_min_count_and_top_n(corpus):
     assert new_tok("the bird sees", add_special_tokens=False)["input_ids"][1] == new_tok.unk_token_id
     top = lmembed.compress(build("gpt2"), f"trim:{corpus}:top2", tokenizer=tok)["vocab"]
     assert top["kept_from_corpus"] == 2 and top["kept"] == 5  # 'the' and '.' plus the 3 specials
+    # base=N also keeps the N lowest ids (3 specials, then the first words): 'bird' was never in the corpus
+    based = lmembed.compress(build("gpt2"), f"trim:{corpus}:top2:base=8", tokenizer=tok)
+    assert based["vocab"]["kept"] == 9 and based["vocab"]["kept_base"] == 4
+    assert based["tokenizer"]("the bird", add_special_tokens=False)["input_ids"][1] != based["tokenizer"].unk_token_id
 
 
 def _byte_bpe(lines: list[str], vocab_size: int = 400) -> tf.PreTrainedTokenizerFast:

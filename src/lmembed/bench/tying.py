@@ -22,6 +22,16 @@ PAPER_SMALL = {"untied": (4.65e6, 120.7, 114.5), "tied": (2.65e6, 117.5, 112.4),
                "untied+PR": (4.69e6, 116.0, 111.7), "tied+PR": (2.69e6, 104.9, 100.9)}
 
 
+def pick_combos(names: str) -> tuple:
+    """--models: a subset of COMBOS, in the table's order."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = {c[0] for c in COMBOS}
+    bad = [n for n in wanted if n not in known]
+    if bad or not wanted:
+        raise LmembedError(f"--models {names!r}: unknown {bad or 'empty list'}; expected some of {sorted(known)}")
+    return tuple(c for c in COMBOS if c[0] in wanted)
+
+
 def bench_tying(base: RunConfig, out: str | Path, *, proj_reg: float | None = None, force: bool = False,
                 progress: bool | None = None, log=print, combos: tuple = COMBOS,
                 analysis: bool = True) -> dict[str, Any]:
@@ -140,6 +150,8 @@ def add_parser(sub) -> None:
     add_seq2seq_args(p, tie=False, skip_existing=True)
     p.add_argument("--proj-reg", type=float, default=None, metavar="LAMBDA",
                    help="penalty for the +PR rows (default: Press & Wolf's, 1/(13*batch*bptt))")
+    p.add_argument("--models", default=",".join(c[0] for c in COMBOS),
+                   help="comma-separated subset of " + ", ".join(c[0] for c in COMBOS) + " (default: all four)")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="retrain everything in --out")
     p.add_argument("--analysis", action=argparse.BooleanOptionalAction, default=True,
@@ -153,7 +165,7 @@ def add_parser(sub) -> None:
             return run_from_args(args)
         base = config_from_args(args, tie="none", proj_reg=0.0)
         bench_tying(base, args.out, proj_reg=args.proj_reg, force=args.force, progress=args.progress,
-                    analysis=args.analysis)
+                    analysis=args.analysis, combos=pick_combos(args.models))
         return 0
 
     p.set_defaults(func=run)

@@ -108,6 +108,13 @@ def positive_int(s: str) -> int:
     return v
 
 
+def non_negative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise ValueError("must be an integer >= 0")
+    return v
+
+
 def group_size(s: str) -> int:
     """`g32` (or `32`): columns per quantisation group."""
     return positive_int(s[1:] if s.startswith("g") else s)

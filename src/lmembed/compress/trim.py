@@ -28,7 +28,7 @@ from ..errors import LmembedError
 from .counts import corpus_files, split_arg, token_counts
 from .hf import find_sites
 from .modules import CompressedEmbedding, build_module, register_module
-from .registry import Arg, FitContext, Method, register
+from .registry import Arg, FitContext, Method, non_negative_int, register
 from .remap import alphabet_ids, backend_json, base_ids, bpe_closure, id_to_token, remap_tokenizer
 from .stages import Container, index_dtype
 
@@ -114,7 +114,10 @@ class Trim(Method):
                   Arg("keep", keep_arg, ("min", 1), "MIN_COUNT (default 1) or topN"))
     options = (Arg("split", split_arg, None, "split of a bundled corpus or corpus folder (default train)"),
                Arg("alphabet", alphabet_arg, "corpus", "WordPiece single characters kept: those of the corpus "
-                                                       "(default), all, or none"))
+                                                       "(default), all, or none"),
+               Arg("base", non_negative_int, 0, "also keep the N lowest token ids: for BPE the earliest merges, "
+                                               "the most frequent tokens of the tokenizer's own training text; "
+                                               "a cushion for words the target corpus never used"))
     vocabulary = True
 
     def check(self, num_embeddings: int, dim: int) -> None:
@@ -147,7 +150,8 @@ class Trim(Method):
         special |= {i for i in extra_ids if i in names}  # config ids of rows the tokenizer has no token for: dropped
         chars = {"corpus": cc.chars, "all": None, "none": ()}[self.alphabet]
         alphabet = base_ids(j) | alphabet_ids(j, chars)
-        seed = corpus_ids | special | alphabet
+        base = set(range(min(self.base, vocab_size))) & set(names)
+        seed = corpus_ids | special | alphabet | base
         kept_set = bpe_closure(j, seed)
         beyond = sorted(i for i in kept_set if i >= vocab_size)
         if beyond:
@@ -161,6 +165,7 @@ class Trim(Method):
             "corpus_files": cc.files, "corpus_tokens": cc.total, "corpus_distinct": int((counts > 0).sum()),
             "original_vocab": vocab_size, "kept": len(kept), "kept_from_corpus": len(corpus_ids),
             "kept_special": len(special - corpus_ids), "kept_alphabet": len(alphabet - corpus_ids - special),
+            "kept_base": len(base - corpus_ids - special - alphabet),
             "kept_merge_parents": len(kept_set - seed), "corpus_tokens_dropped": int(dropped.sum()),
         }
         return kept, stats
