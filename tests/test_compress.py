@@ -308,6 +308,11 @@ def test_cli_compress_writes_loadable_folder_and_refuses_overwrite(tmp_path, cap
     assert tok("the cat sees a dog")["input_ids"][:2] == [3, 4]
     assert isinstance(model.get_input_embeddings(), QuantizedEmbedding)
     assert main(argv) == 2 and "not empty; pass --force" in capsys.readouterr().err
+    # calibrated methods take --calib; without it they say so in one line
+    cal = ["compress", str(folder), "--method", "gptq-int4:g8", "--out", str(tmp_path / "cal"), "--no-progress"]
+    assert main(cal) == 2 and "calib" in capsys.readouterr().err
+    assert main([*cal, "--calib", str(_text(tmp_path)), "--calib-tokens", "64"]) == 0
+    assert lmembed.load(tmp_path / "cal").get_input_embeddings().bits == 4
 
 
 def test_bench_compress_table_resume_and_bad_methods(tmp_path, capsys):

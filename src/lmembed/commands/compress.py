@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--side", default="auto", choices=SIDES,
                    help="auto: both sides (one module if tied) or the input when there is no head; input: the "
                         "paper's protocol (head stays dense)")
+    p.add_argument("--calib", help="calibration text for calibrated methods (wsvd, wae, gptq-intB, mixed, kl): "
+                                    "file, folder or corpus[:split]; keep it apart from --eval-text")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration budget in tokens")
     p.add_argument("--eval-text", help="evaluate dense and compressed on this text (file, folder, corpus[:split])")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens of --eval-text to evaluate on")
     p.add_argument("--seed", type=int, default=0)
@@ -41,8 +44,8 @@ def run(args) -> int:
                            progress=args.progress) if args.eval_text else None
     model, tok = (subject.model, subject.tokenizer) if subject else _load(args.model)
     before = subject.evaluate(model) if subject else None
-    report = compress(model, args.method, side=args.side, seed=args.seed, progress=args.progress, log=print,
-                      tokenizer=tok)
+    report = compress(model, args.method, calib=args.calib, calib_tokens=args.calib_tokens, side=args.side,
+                      seed=args.seed, progress=args.progress, log=print, tokenizer=tok)
     new_tok = report.pop("tokenizer", None)  # trim: the remapped tokenizer goes with the model
     tok = new_tok if new_tok is not None else tok
     if subject is not None and new_tok is not None and subject.for_tokenizer is None:
