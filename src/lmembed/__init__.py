@@ -20,12 +20,14 @@ from .config import RunConfig, make_config, paper_proj_reg  # noqa: E402
 from .data import Corpus, TextOptions, load_corpus  # noqa: E402
 from .data.parallel import load_parallel  # noqa: E402
 from .errors import LmembedError  # noqa: E402
+from .finetune import FinetuneConfig, finetune  # noqa: E402
 from .runs import load_run  # noqa: E402
 from .seq2seq_config import Seq2SeqConfig, make_seq2seq_config  # noqa: E402
+from .tasks import load_task  # noqa: E402
 from .train import evaluate_run, train  # noqa: E402
 from .train_seq2seq import evaluate_seq2seq_run, load_seq2seq_run, train_seq2seq  # noqa: E402
 
 __all__ = ["__version__", "analyze", "compress", "calibrate", "save", "load", "RunConfig", "make_config",
            "paper_proj_reg", "Corpus", "TextOptions", "load_corpus", "load_parallel", "LmembedError", "load_run",
-           "Seq2SeqConfig", "make_seq2seq_config", "evaluate_run", "train", "evaluate_seq2seq_run", "load_seq2seq_run",
-           "train_seq2seq"]
+           "Seq2SeqConfig", "FinetuneConfig", "finetune", "load_task", "make_seq2seq_config", "evaluate_run",
+           "train", "evaluate_seq2seq_run", "load_seq2seq_run", "train_seq2seq"]

@@ -25,8 +25,33 @@ def paper_proj_reg(batch_size: int, bptt: int, lam: float = 1 / 6.5) -> float:
     return lam / (2 * batch_size * bptt)
 
 
+class ConfigDict:
+    """JSON round trip shared by the run configs: unknown fields are an error naming `where`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config"):
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise LmembedError(f"{where}: unknown config field(s) {', '.join(unknown)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) <= 0:
+                raise LmembedError(f"{name} = {getattr(self, name)}: must be positive")
+
+
 @dataclass
-class RunConfig:
+class RunConfig(ConfigDict):
     # data
     data: str = "shakespeare"
     tokenize: str | None = None  # whitespace | words (None: the corpus default)
@@ -68,19 +93,6 @@ class RunConfig:
     ce_chunk: int = 0  # >0: chunked softmax cross-entropy, never all (tokens x V) logits at once
     compile: bool = False  # torch.compile the model for training
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise LmembedError(f"{where}: unknown config field(s) {', '.join(unknown)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
-
     def validate(self) -> None:
         if self.arch not in ARCHS:
             raise LmembedError(f"--arch {self.arch}: expected one of {', '.join(ARCHS)}")
@@ -94,9 +106,7 @@ class RunConfig:
             raise LmembedError(f"lr_schedule {self.lr_schedule!r}: expected step, cosine or constant")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise LmembedError(f"--amp {self.amp}: expected auto, bf16, fp16 or off")
-        for name in ("emb_dim", "hidden", "layers", "batch_size", "bptt", "eval_batch_size", "epochs"):
-            if getattr(self, name) <= 0:
-                raise LmembedError(f"{name} = {getattr(self, name)}: must be positive")
+        self.require_positive("emb_dim", "hidden", "layers", "batch_size", "bptt", "eval_batch_size", "epochs")
         if self.ce_chunk < 0:
             raise LmembedError(f"--ce-chunk {self.ce_chunk}: must be >= 0 (0 = off)")
         if not 0 <= self.dropout < 1:

