@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -148,6 +149,21 @@ def test_pack_unpack_round_trip(bits, rows, n, seed):
     packed = pack_bits(q, bits)
     assert packed.dtype == torch.uint8 and packed.shape[1] == -(-n * bits // 8)
     assert torch.equal(unpack_bits(packed, bits, n), q.to(torch.int32))
+
+
+def test_pack_bits_layout_is_the_same_on_every_path(monkeypatch):
+    """4-bit codes take a nibble fast path and tall matrices are packed in row chunks: the
+    bytes must equal the plain per-bit layout (low bits first), or saved files would differ."""
+    mod = importlib.import_module("lmembed.compress.modules")
+
+    q = torch.randint(0, 16, (7, 13), generator=torch.Generator().manual_seed(0))
+    bits = ((q.unsqueeze(-1) >> torch.arange(4)) & 1).reshape(7, -1)
+    ref = (torch.nn.functional.pad(bits, (0, 4)).reshape(7, -1, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
+    assert torch.equal(pack_bits(q, 4), ref)
+    q3 = torch.randint(0, 8, (7, 13), generator=torch.Generator().manual_seed(1))
+    whole = pack_bits(q3, 3)
+    monkeypatch.setattr(mod, "PACK_ROWS", 2)
+    assert torch.equal(pack_bits(q3, 3), whole)
 
 
 def test_side_input_is_the_papers_protocol_head_stays_dense():

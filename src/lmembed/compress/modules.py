@@ -155,12 +155,20 @@ class FactorizedEmbedding(CompressedEmbedding):
 # Integer codes
 
 
+PACK_ROWS = 4096
+
+
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (rows x n, values < 2**bits) into (rows x ceil(n*bits/8)) uint8,
     little-endian bit order: exactly `bits` bits per value, each row padded to a whole byte."""
     if bits == 8:
         return q.to(torch.uint8)
     rows, n = q.shape
+    if bits == 4:  # two nibbles per byte, low nibble first: no per-bit expansion
+        q = F.pad(q.to(torch.uint8), (0, n % 2))
+        return q[:, 0::2] | (q[:, 1::2] << 4)
+    if rows > PACK_ROWS:  # the per-bit expansion is 32x the codes: bound it
+        return torch.cat([pack_bits(c, bits) for c in q.split(PACK_ROWS)])
     shifts = torch.arange(bits, device=q.device, dtype=torch.int32)
     b = ((q.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
     pad = (-b.shape[1]) % 8
