@@ -114,6 +114,10 @@ def test_ae_from_svd_improves_directions_over_svd():
     ae = lmembed.compress(_with_matrix(w), "ae:6:init=svd:epochs=8", progress=False)["matrices"][0]
     assert ae["mean_row_cosine"] > svd["mean_row_cosine"] + 0.01
     assert ae["rel_fro_error"] > svd["rel_fro_error"]
+    # refit=1 keeps the learned codes and solves for the decoder: magnitudes come back to
+    # least squares (between svd's optimum and the plain ae)
+    refit = lmembed.compress(_with_matrix(w), "ae:6:init=svd:epochs=8:refit=1", progress=False)["matrices"][0]
+    assert svd["rel_fro_error"] - 1e-6 <= refit["rel_fro_error"] < ae["rel_fro_error"]
 
 
 def _with_matrix(w: torch.Tensor):

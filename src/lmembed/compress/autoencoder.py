@@ -66,6 +66,7 @@ class AutoEncoder(Method):
         Arg("gamma", non_negative_float, 0.5, "StepLR factor"),
         Arg("elu", bool_flag, False, "ELU on the codes"),
         Arg("init", _init, "random", "random or svd (start from the truncated SVD solution)"),
+        Arg("refit", bool_flag, False, "after training, refit decoder and bias by least squares on the codes"),
     )
 
     def check(self, num_embeddings: int, dim: int) -> None:
@@ -136,7 +137,26 @@ class AutoEncoder(Method):
         ctx.log(f"{self.text}: final loss {loss_val:.5g}")
         with torch.no_grad():
             codes = encode(x_all)
+        if self.refit:
+            w, b = refit_decoder(codes.cpu(), x_all.cpu(), rw.cpu() if rw is not None else None)
+            return codes.cpu(), w, b
         return codes.cpu(), dec_w.detach().cpu(), dec_b.detach().cpu()
+
+
+def refit_decoder(codes: torch.Tensor, x: torch.Tensor,
+                  row_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decoder d x k, bias d) minimising sum_i w_i ||c_i D + b - x_i||^2 for fixed codes.
+
+    The direction-aware loss barely constrains row norms (its magnitude term has weight 0.0025),
+    which costs little for an input embedding but a lot where the rows are read as logits or in a
+    whitened space; the closed-form refit keeps the learned code directions and restores the
+    least-squares magnitudes."""
+    a = torch.cat([codes.double(), torch.ones(codes.shape[0], 1, dtype=torch.float64)], 1)
+    w = torch.ones(codes.shape[0], dtype=torch.float64) if row_weight is None else row_weight.double()
+    gram = a.t() @ (a * w[:, None])
+    gram += 1e-8 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
+    sol = torch.linalg.solve(gram, a.t() @ (x.double() * w[:, None]))  # (k+1) x d
+    return sol[:-1].t().float().contiguous(), sol[-1].float()
 
 
 register(AutoEncoder)

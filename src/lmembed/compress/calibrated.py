@@ -159,9 +159,10 @@ class WeightedAutoEncoder(AutoEncoder):
     needs_calib = True
     name = "wae"
     summary = "calibrated direction-aware autoencoder: ae in the whitened space, rows weighted (needs calib)"
-    options = (*(a for a in AutoEncoder.options if a.name not in ("init", "epochs")),
+    options = (*(a for a in AutoEncoder.options if a.name not in ("init", "epochs", "refit")),
                Arg("init", _init, "svd", "svd (the weighted SVD solution) or random"),
                Arg("epochs", int, 10),
+               Arg("refit", bool_flag, True, "refit decoder and bias by weighted least squares on the codes"),
                Arg("mix", _fraction, 1.0, "tied matrices: weight of the output role"),
                Arg("damp", non_negative_float, 0.01, "added to the metric's diagonal, relative to its mean"),
                Arg("floor", non_negative_float, 0.1, "row weights: floor as a fraction of the mean"))
