@@ -29,6 +29,8 @@ def add_model_args(p: argparse.ArgumentParser, *, tie: bool = True) -> None:
         g.add_argument("--proj-reg", type=float, default=0.0, metavar="LAMBDA",
                        help="projection P before the output embedding with penalty LAMBDA*||P||^2 added to the "
                             "mean token loss (0 = off; Press & Wolf's setting is 1/(13*batch*bptt))")
+    g.add_argument("--proj-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="give the projection P a bias (default: no; see README, Presets and units)")
     for flag, typ in (("--epochs", int), ("--max-steps", int),
                       ("--lr", float), ("--batch-size", int), ("--bptt", int), ("--clip", float),
                       ("--dropout", float), ("--emb-dim", int), ("--hidden", int), ("--layers", int),
@@ -46,8 +48,8 @@ def add_model_args(p: argparse.ArgumentParser, *, tie: bool = True) -> None:
 def config_from_args(args: argparse.Namespace, **fixed):
     """RunConfig from the preset plus every flag the user gave."""
     names = ["data", "tokenize", "lowercase", "max_vocab", "min_freq", "bpe", "train_tokens", "tie", "proj_reg",
-             "epochs", "max_steps", "lr", "batch_size", "bptt", "clip", "dropout", "emb_dim", "hidden", "layers",
-             "eval_batch_size", "seed", "device", "amp", "ce_chunk", "compile"]
+             "proj_bias", "epochs", "max_steps", "lr", "batch_size", "bptt", "clip", "dropout", "emb_dim", "hidden",
+             "layers", "eval_batch_size", "seed", "device", "amp", "ce_chunk", "compile"]
     over = {n: getattr(args, n, None) for n in names}
     over.update(fixed)
     return make_config(args.arch, args.preset, **over)

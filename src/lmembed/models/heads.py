@@ -14,13 +14,15 @@ from .softmax import chunked_cross_entropy, full_cross_entropy
 
 
 class LMHead(nn.Module):
-    def __init__(self, hidden: int, emb_dim: int, vocab_size: int, *, projection: bool, bias: bool = True):
+    def __init__(self, hidden: int, emb_dim: int, vocab_size: int, *, projection: bool, bias: bool = True,
+                 proj_bias: bool = False):
         super().__init__()
         # P maps the hidden state to the embedding size; without it, V's width is the hidden size.
-        # P is a plain matrix, as in the paper: a bias b on it puts a shared direction V·b into every
-        # logit, which under the lr-20 SGD of the Zaremba presets stalls a tied model (PTB small,
-        # 600 steps: valid ppl 1393 with the bias, 439 without, 312 for plain tied).
-        self.proj = nn.Linear(hidden, emb_dim, bias=False) if projection else None
+        # P is a plain matrix by default, as the paper writes it. A bias on P (proj_bias) puts a
+        # shared direction V·b into every logit: under the lr-20 SGD of the Zaremba presets it
+        # stalls a tied model (PTB small, 600 steps: valid ppl 1393 with it, 439 without, 312
+        # plain tied) and slows an untied one so much that it ends up regularised (README).
+        self.proj = nn.Linear(hidden, emb_dim, bias=proj_bias) if projection else None
         self.out = nn.Linear(emb_dim if projection else hidden, vocab_size, bias=bias)
 
     def tie_to(self, embedding: nn.Embedding) -> None:

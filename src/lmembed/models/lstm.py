@@ -19,7 +19,8 @@ class LSTMLM(nn.Module, EmbeddingAPI):
         self.drop = nn.Dropout(cfg.dropout)  # on inputs, between layers (nn.LSTM) and on the output
         self.rnn = nn.LSTM(cfg.emb_dim, cfg.hidden, cfg.layers, batch_first=True,
                            dropout=cfg.dropout if cfg.layers > 1 else 0.0)
-        self.head = LMHead(cfg.hidden, cfg.emb_dim, vocab_size, projection=cfg.proj_reg > 0)
+        self.head = LMHead(cfg.hidden, cfg.emb_dim, vocab_size, projection=cfg.proj_reg > 0,
+                           proj_bias=cfg.proj_bias)
         for p in self.parameters():  # TF's random_uniform_initializer(-init_scale, init_scale)
             nn.init.uniform_(p, -cfg.init_range, cfg.init_range)
         self.tie_weights()  # U = V: one Parameter shared by input and output

@@ -44,7 +44,8 @@ class TransformerLM(nn.Module, EmbeddingAPI):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.hidden, cfg.heads, cfg.ff, cfg.dropout) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
-        self.head = LMHead(cfg.hidden, cfg.emb_dim, vocab_size, projection=cfg.proj_reg > 0)
+        self.head = LMHead(cfg.hidden, cfg.emb_dim, vocab_size, projection=cfg.proj_reg > 0,
+                           proj_bias=cfg.proj_bias)
         for m in self.modules():  # GPT-2 style: N(0, init_range) weights, zero biases, LayerNorm as is
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=cfg.init_range)
