@@ -20,7 +20,6 @@ from .config import RunConfig, make_config, paper_proj_reg  # noqa: E402
 from .data import Corpus, TextOptions, load_corpus  # noqa: E402
 from .data.parallel import load_parallel  # noqa: E402
 from .errors import LmembedError  # noqa: E402
-from .finetune import FinetuneConfig, finetune  # noqa: E402
 from .runs import load_run  # noqa: E402
 from .seq2seq_config import Seq2SeqConfig, make_seq2seq_config  # noqa: E402
 from .tasks import load_task  # noqa: E402
@@ -29,5 +28,5 @@ from .train_seq2seq import evaluate_seq2seq_run, load_seq2seq_run, train_seq2seq
 
 __all__ = ["__version__", "analyze", "compress", "calibrate", "save", "load", "RunConfig", "make_config",
            "paper_proj_reg", "Corpus", "TextOptions", "load_corpus", "load_parallel", "LmembedError", "load_run",
-           "Seq2SeqConfig", "FinetuneConfig", "finetune", "load_task", "make_seq2seq_config", "evaluate_run",
+           "Seq2SeqConfig", "load_task", "make_seq2seq_config", "evaluate_run",
            "train", "evaluate_seq2seq_run", "load_seq2seq_run", "train_seq2seq"]
