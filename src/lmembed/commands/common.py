@@ -58,3 +58,11 @@ def config_from_args(args: argparse.Namespace, **fixed):
 def progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when writing to a terminal)")
+
+
+def add_run_dir_args(p: argparse.ArgumentParser) -> None:
+    """--out/--force/--resume/--progress of the training commands."""
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    progress_flag(p)

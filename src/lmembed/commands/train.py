@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..train import train
-from .common import add_data_args, add_model_args, config_from_args, progress_flag
+from .common import add_data_args, add_model_args, add_run_dir_args, config_from_args
 
 
 def add_parser(sub) -> None:
@@ -11,10 +11,7 @@ def add_parser(sub) -> None:
                        description="Train a language model; writes config, checkpoints, metrics.json, report.md.")
     add_data_args(p)
     add_model_args(p)
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    progress_flag(p)
+    add_run_dir_args(p)
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..seq2seq_config import SEQ2SEQ_PRESETS, SEQ2SEQ_TIE_MODES, make_seq2seq_config
-from .common import progress_flag
+from .common import add_run_dir_args
 
 # flag -> (config field, type); all default to the preset's value
 FLAGS = {
@@ -56,10 +56,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    progress_flag(p)
+    add_run_dir_args(p)
     p.set_defaults(func=run)
 
 
