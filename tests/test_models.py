@@ -45,11 +45,31 @@ def test_tied_gradient_flows_from_both_sides():
 
 
 def test_paper_small_parameter_counts():
-    """Press & Wolf Table 6: 4.65M untied, 2.65M tied (PyTorch's second LSTM bias adds 1,600)."""
+    """Press & Wolf Table 6: 4.65M untied, 2.65M tied: exactly the TF model's 2*(400*800 + 800) LSTM
+    weights + embeddings + softmax bias, since PyTorch's second LSTM bias is frozen at zero."""
     untied = build_model(make_config("lstm", "small", tie="none"), 10000)
     tied = build_model(make_config("lstm", "small", tie="tied"), 10000)
-    assert count_params(untied) == 4_653_200
-    assert count_params(tied) == 2_653_200
+    assert count_params(untied) == 2 * (400 * 800 + 800) + 2 * 10000 * 200 + 10000 == 4_651_600
+    assert count_params(tied) == 2_651_600
+    for name, p in tied.rnn.named_parameters():
+        if name.startswith("bias_hh"):
+            assert not p.requires_grad and p.abs().sum() == 0
+        elif name.startswith("bias_ih"):
+            assert p.requires_grad and p.abs().sum() == 0  # TF's zero bias init
+
+
+def test_lstm_bias_hh_stays_zero_through_training():
+    """The frozen second bias must not move (the effective bias learns at TF's rate, not twice it)."""
+    from lmembed import loop
+
+    cfg = make_config("lstm", "tiny", tie="tied")
+    m = build_model(cfg, V)
+    opt = loop.make_optimizer(cfg, m, torch.device("cpu"))
+    x = torch.randint(0, V, (4, 6))
+    loss, _ = m(x[:, :-1], None, targets=x[:, 1:])
+    loop.optimizer_step(m, opt, loss, cfg.clip)
+    assert m.rnn.bias_hh_l0.abs().sum() == 0
+    assert m.rnn.bias_ih_l0.abs().sum() > 0
 
 
 def test_transformer_is_causal():

@@ -136,5 +136,6 @@ def prepare_out_dir(out: str | Path, *, force: bool, resume: bool = False, marke
 
 
 def count_params(module: torch.nn.Module) -> int:
-    """Distinct parameters: a tied matrix counts once (module.parameters() de-duplicates)."""
-    return sum(p.numel() for p in module.parameters())
+    """Distinct trainable parameters: a tied matrix counts once (module.parameters() de-duplicates),
+    frozen ones (the LSTM's constant-zero second bias) do not count."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -9,6 +9,17 @@ from ..config import RunConfig
 from .heads import EmbeddingAPI, LMHead
 
 
+def single_gate_bias(rnn: nn.LSTM) -> None:
+    """One trainable, zero-initialised bias per gate, as the TF LSTM of Zaremba's and Press & Wolf's
+    code. PyTorch's LSTM adds two biases (b_ih + b_hh) that receive the same gradient, so their sum
+    would learn at twice the rate: b_hh is held at zero and frozen (kept, so checkpoints load)."""
+    for name, p in rnn.named_parameters():
+        if name.startswith("bias_"):
+            nn.init.zeros_(p)
+            if name.startswith("bias_hh"):
+                p.requires_grad_(False)
+
+
 class LSTMLM(nn.Module, EmbeddingAPI):
     recurrent = True
 
@@ -23,6 +34,7 @@ class LSTMLM(nn.Module, EmbeddingAPI):
                            proj_bias=cfg.proj_bias)
         for p in self.parameters():  # TF's random_uniform_initializer(-init_scale, init_scale)
             nn.init.uniform_(p, -cfg.init_range, cfg.init_range)
+        single_gate_bias(self.rnn)
         self.tie_weights()  # U = V: one Parameter shared by input and output
 
     def forward(self, x: torch.Tensor, state=None, targets: torch.Tensor | None = None, ce_chunk: int = 0):
