@@ -85,7 +85,7 @@ def build(tf, v1, vocab: int, tie: bool, proj: bool, proj_bias: bool, training: 
         lr = v1.Variable(0.0, trainable=False)
         params = v1.trainable_variables()
         grads, _ = tf.clip_by_global_norm(tf.gradients(cost + penalty, params), CLIP)
-        graph["train"] = v1.train.GradientDescentOptimizer(lr).apply_gradients(zip(grads, params))
+        graph["train"] = v1.train.GradientDescentOptimizer(lr).apply_gradients(zip(grads, params, strict=True))
         graph["lr_value"] = v1.placeholder(tf.float32, [])
         graph["set_lr"] = v1.assign(lr, graph["lr_value"])
     return graph
@@ -97,7 +97,7 @@ def run_epoch(sess, g: dict, ids: np.ndarray, train: bool) -> float:
     cost, n = 0.0, 0
     for x, y in batches(ids):
         feed = {g["x"]: x, g["y"]: y}
-        for (pc, ph), (c, h) in zip(g["init"], state):
+        for (pc, ph), (c, h) in zip(g["init"], state, strict=True):
             feed[pc], feed[ph] = c, h
         out = sess.run([g["cost"], g["final"]] + ([g["train"]] if train else []), feed)
         cost, n, state = cost + out[0], n + STEPS, out[1]
