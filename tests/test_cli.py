@@ -51,7 +51,7 @@ def test_train_eval_and_bench_cli(tiny_corpus, tmp_path, capsys):
     assert set(rows) == {"untied", "tied", "untied+PR", "tied+PR"}
     v, d = metrics["vocab_size"], 32
     assert rows["untied"]["params"] - rows["tied"]["params"] == v * d
-    assert rows["tied+PR"]["params"] - rows["tied"]["params"] == d * d
+    assert rows["tied+PR"]["params"] - rows["tied"]["params"] == d * d + d  # P and its bias
     assert (out / "tying.png").exists() and "tied+PR" in (out / "tying.md").read_text()
     # a second call reuses the finished runs (no retraining): same numbers
     assert main(argv) == 0

@@ -72,7 +72,7 @@ class RunConfig(ConfigDict):
     init_range: float = 0.1
     tie: str = "none"
     proj_reg: float = 0.0
-    proj_bias: bool = False  # a bias on P (see models/heads.py for why it is off by default)
+    proj_bias: bool = True  # P has a bias, as in Press & Wolf's code (models/heads.py)
     # optimisation
     optimizer: str = "sgd"
     lr: float = 20.0

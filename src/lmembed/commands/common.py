@@ -30,7 +30,8 @@ def add_model_args(p: argparse.ArgumentParser, *, tie: bool = True) -> None:
                        help="projection P before the output embedding with penalty LAMBDA*||P||^2 added to the "
                             "mean token loss (0 = off; Press & Wolf's setting is 1/(13*batch*bptt))")
     g.add_argument("--proj-bias", action=argparse.BooleanOptionalAction, default=None,
-                   help="give the projection P a bias (default: no; see README, Presets and units)")
+                   help="give the projection P a bias (default: yes, as in Press & Wolf's code; "
+                        "--no-proj-bias: P alone, as the paper writes it)")
     for flag, typ in (("--epochs", int), ("--max-steps", int),
                       ("--lr", float), ("--batch-size", int), ("--bptt", int), ("--clip", float),
                       ("--dropout", float), ("--emb-dim", int), ("--hidden", int), ("--layers", int),
