@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lmembed bench tying --data shakespeare --arch lstm --preset demo --out runs/demo --seed 0
+	$(VENV)/bin/lmembed bench tying --data shakespeare --arch lstm --preset demo --no-proj-bias --out runs/demo --seed 0
 	$(MAKE) demo-compress
 
 demo-compress: $(STAMP)
