@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmembed import load_corpus
+from lmembed import LmembedError, load_corpus
 from lmembed.report import markdown_table, write_text
 from lmembed.utils import prepare_out_dir, write_json
 
@@ -228,8 +228,11 @@ def main() -> None:
         return
     if not args.out:
         ap.error("--out is required (except with --check-step)")
-    out = prepare_out_dir(args.out, force=args.force)
-    corpus = load_corpus(args.data)
+    try:
+        corpus = load_corpus(args.data)
+        out = prepare_out_dir(args.out, force=args.force)
+    except LmembedError as e:
+        raise SystemExit(f"press_wolf_tf.py: {e}") from None
     rows: list[dict] = []
 
     def save(extra: dict) -> None:
