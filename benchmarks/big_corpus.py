@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmembed.report import markdown_table, write_text
-from lmembed.utils import write_json
+from lmembed.common.files import write_json
+from lmembed.common.report import markdown_table, write_text
 
 
 def generate(root: Path, tokens: int, types: int, seed: int, line_len: int = 25) -> dict:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from lmembed.compress.api import run_pipeline
-from lmembed.compress.registry import FitContext, parse_pipeline
-from lmembed.report import markdown_table, write_text
-from lmembed.utils import pick_device, write_json
+from lmembed.common.files import write_json
+from lmembed.common.report import markdown_table, write_text
+from lmembed.common.runtime import pick_device
+from lmembed.compression.api import run_pipeline
+from lmembed.compression.registry import FitContext, parse_pipeline
 
 
 def _sync(device: torch.device) -> None:

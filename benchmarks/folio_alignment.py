@@ -3,7 +3,7 @@
     python benchmarks/folio_alignment.py                 # coverage + precision on the judged sample
     python benchmarks/folio_alignment.py --show 20       # also print the first 20 sampled pairs
 
-Two numbers describe the alignment (lmembed.align, lmembed.data.folio):
+Two numbers describe the alignment (lmembed.data.align, lmembed.data.folio):
 - coverage: the share of spoken Folio lines and of modern lines that end up in a kept pair
   (from the corpus' alignment.json; lines without a counterpart in the other version, such as
   the acts missing from the sdist's modern Cymbeline, can never be kept);
@@ -29,9 +29,9 @@ import random
 import sys
 from pathlib import Path
 
+from lmembed.common.files import write_json
+from lmembed.common.report import markdown_table, write_text
 from lmembed.data.folio import ALIGN_PARAMS, ALIGN_VERSION, folio_corpus_dir
-from lmembed.report import markdown_table, write_text
-from lmembed.utils import write_json
 
 CHECK = Path(__file__).with_name("folio_alignment_check.tsv")
 

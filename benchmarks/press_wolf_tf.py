@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from lmembed import LmembedError, load_corpus
-from lmembed.report import markdown_table, write_text
-from lmembed.utils import prepare_out_dir, write_json
+from lmembed.common.files import prepare_out_dir, write_json
+from lmembed.common.report import markdown_table, write_text
 
 BATCH, STEPS, HIDDEN, LAYERS, INIT, CLIP, EPOCHS, DECAY_AFTER = 20, 20, 200, 2, 0.1, 5.0, 13, 4
 PAPER = {"untied": (120.7, 114.5), "tied": (117.5, 112.4), "untied+PR": (116.0, 111.7), "tied+PR": (104.9, 100.9)}
@@ -140,9 +140,9 @@ def check_step(tf, v1, vocab: int, tie: bool, proj_bias: bool, seed: int) -> dic
     the largest difference in the updated weights, next to the size of the update itself."""
     import torch
 
-    from lmembed import loop
     from lmembed.config import make_config, paper_proj_reg
     from lmembed.models import build_model
+    from lmembed.training import loop
 
     rng = np.random.default_rng(seed)
     x, y = next(batches(rng.integers(0, vocab, size=BATCH * (STEPS + 1) * 2)))

@@ -27,12 +27,16 @@ import torch
 import torch.nn.functional as F
 
 import lmembed
+from lmembed.common.files import write_json
+from lmembed.common.report import markdown_table, write_text
+from lmembed.common.runtime import pick_device
 from lmembed.data.batching import StreamBatches
-from lmembed.evaluate.perplexity import lm_nll, ppl
+from lmembed.data.bundled import TextOptions
+from lmembed.evaluation.perplexity import lm_nll, ppl
 from lmembed.models import build_model
-from lmembed.report import markdown_table, write_text
-from lmembed.train import _train_epoch, make_optimizer, text_options
-from lmembed.utils import pick_device, write_json
+from lmembed.training.dist import DistEnv
+from lmembed.training.lm import _train_epoch
+from lmembed.training.loop import make_optimizer
 
 
 def plain_loop(model, ids: np.ndarray, cfg, device) -> float:
@@ -66,7 +70,7 @@ def lmembed_loop(model, ids: np.ndarray, cfg, device) -> float:
     opt = make_optimizer(cfg, model, device)
     step_model = torch.compile(model) if cfg.compile else model
     _sync(device)
-    return _train_epoch(step_model, model, opt, batches, cfg, 1, device, progress=False)["tokens_per_s"]
+    return _train_epoch(step_model, model, opt, batches, cfg, 1, device, False, DistEnv(), Path("."))["tokens_per_s"]
 
 
 def _sync(device) -> None:
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
             cfg = lmembed.make_config(arch, preset, tie=tie, data=args.data, seed=args.seed, amp=args.amp,
                                       device=str(device), ce_chunk=args.ce_chunk, compile=args.compile)
             if corpus is None:
-                corpus = lmembed.load_corpus(args.data, options=text_options(cfg))
+                corpus = lmembed.load_corpus(args.data, options=TextOptions.of(cfg))
             cfg = dataclasses.replace(cfg, max_steps=None)
             row = measure(cfg, corpus, args.tokens, args.eval_tokens, args.repeats, device, args.seed)
             row.update(device=str(device), amp=args.amp if device.type == "cuda" else "off", compile=args.compile,

@@ -25,14 +25,15 @@ import torch
 from transformers import AutoTokenizer
 
 import lmembed
-from lmembed.compress.counts import corpus_files, text_chunks
-from lmembed.compress.trim import unk_id
+from lmembed.common.files import prepare_out_dir, write_json
+from lmembed.common.report import markdown_table, write_text
+from lmembed.common.runtime import seed_everything
+from lmembed.compression.counts import corpus_files, text_chunks
+from lmembed.compression.trim import unk_id
 from lmembed.data.corpus import iter_lines
 from lmembed.data.texts import load_text
-from lmembed.evaluate.pretrained import model_kind
+from lmembed.evaluation.pretrained import model_kind
 from lmembed.models.pretrained import load_pretrained
-from lmembed.report import markdown_table, write_text
-from lmembed.utils import prepare_out_dir, seed_everything, write_json
 
 
 def segmentation_mismatches(tok, new_tok, kept: torch.Tensor, corpus: str) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Line alignment (lmembed.align) and the Folio/modern text cleaning of data/folio.py."""
+"""Line alignment (lmembed.data.align) and the Folio/modern text cleaning of data/folio.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lmembed.align import _longest_chain, align_lines, anchors, fold, similarity
+from lmembed.data.align import _longest_chain, align_lines, anchors, fold, similarity
 from lmembed.data.folio import folio_lines, modern_lines
 
 # Macbeth I.1 rewritten by hand: Folio spelling on the left, modern on the right. The Folio side

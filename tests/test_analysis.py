@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from lmembed.analysis import agreement_sample, analyze, embedding_matrix, model_matrices
 from lmembed.cli import main
 from lmembed.errors import LmembedError
-from lmembed.evaluate.rank import effective_rank, energy_rank, singular_values
-from lmembed.evaluate.similarity import (
+from lmembed.evaluation.embeddings import agreement_sample, analyze, embedding_matrix, model_matrices
+from lmembed.evaluation.rank import effective_rank, energy_rank, singular_values
+from lmembed.evaluation.similarity import (
     Analogies,
     WordIndex,
     analogy_accuracy,
@@ -218,11 +218,11 @@ def test_analyze_api_on_untied_model(tmp_path):
 def _run_dir(corpus, out, tie):
     """A run directory as `lmembed train` leaves it (config, tokenizer, weights), untrained: analysis only
     needs the files, and training would cost most of this test's time."""
+    from lmembed.common.files import write_json
     from lmembed.config import make_config
     from lmembed.data.vocab import WordTokenizer, save_tokenizer
     from lmembed.models import build_model
-    from lmembed.runs import save_weights
-    from lmembed.utils import write_json
+    from lmembed.models.store import save_weights
 
     out.mkdir()
     cfg = make_config("lstm", "tiny", data=str(corpus), tie=tie)
@@ -282,7 +282,7 @@ def test_bench_tying_analysis_columns(tiny_corpus, tmp_path):
 
 
 def test_bench_embeddings_compressed_rows(tiny_corpus, tmp_path):
-    pytest.importorskip("lmembed.compress")
+    pytest.importorskip("lmembed.compression")
     from lmembed.bench.embeddings import bench_embeddings
 
     _run_dir(tiny_corpus, tmp_path / "tied", "tied")

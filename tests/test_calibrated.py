@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lmembed
-from lmembed.compress.calibrate import calibrate
+from lmembed.compression.calibrate import calibrate
 from lmembed.errors import LmembedError
 from tiny_models import V, build
 

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 import lmembed
-import lmembed.finetune as ft
+import lmembed.training.finetune as ft
 from lmembed.bench.finetune import bench_finetune, compare_ae_svd
 from lmembed.cli import main
-from lmembed.compress import FactorizedEmbedding, QuantizedEmbedding
+from lmembed.compression import FactorizedEmbedding, QuantizedEmbedding
 from lmembed.errors import LmembedError
-from lmembed.evaluate.classification import classification_metrics
-from lmembed.finetune import (
+from lmembed.evaluation.classification import classification_metrics
+from lmembed.tasks import load_task, seeded_split
+from lmembed.tasks import polarity as pol
+from lmembed.training.finetune import (
     FinetuneConfig,
     epochs_to_fraction,
     finetune,
@@ -25,8 +27,6 @@ from lmembed.finetune import (
     set_embedding_training,
     train_seed,
 )
-from lmembed.tasks import load_task, seeded_split
-from lmembed.tasks import polarity as pol
 from tiny_models import build, save_folder, word_tokenizer
 
 GOOD = ["good", "great", "fine", "nice"]

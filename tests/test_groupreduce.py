@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import lmembed
-from lmembed.compress import CompressedHead, FactorizedEmbedding, QuantizedEmbedding
-from lmembed.compress import modules as compress_modules
-from lmembed.compress.groupreduce import GroupedEmbedding, allocate_ranks
+from lmembed.compression import CompressedHead, FactorizedEmbedding, QuantizedEmbedding
+from lmembed.compression import modules as compress_modules
+from lmembed.compression.groupreduce import GroupedEmbedding, allocate_ranks
 from lmembed.errors import LmembedError
 from tiny_models import D, V, build, inputs, word_tokenizer
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmembed.common.runtime import count_params
 from lmembed.config import make_config
 from lmembed.errors import LmembedError
 from lmembed.models import build_model
-from lmembed.utils import count_params
 
 V = 500
 
@@ -60,7 +60,7 @@ def test_paper_small_parameter_counts():
 
 def test_lstm_bias_hh_stays_zero_through_training():
     """The frozen second bias must not move (the effective bias learns at TF's rate, not twice it)."""
-    from lmembed import loop
+    from lmembed.training import loop
 
     cfg = make_config("lstm", "tiny", tie="tied")
     m = build_model(cfg, V)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from lmembed.cli import main
+from lmembed.common.runtime import count_params
+from lmembed.config import make_seq2seq_config
 from lmembed.data.parallel import build_vocabularies, check_tie_vocab, load_parallel
 from lmembed.errors import LmembedError, TrainingDiverged
-from lmembed.evaluate.translation import beam_search, bleu_chrf, greedy
+from lmembed.evaluation.translation import beam_search, bleu_chrf, greedy
 from lmembed.models.seq2seq import Seq2SeqTransformer
-from lmembed.seq2seq_config import make_seq2seq_config
-from lmembed.train_seq2seq import evaluate_seq2seq_run, load_seq2seq_run, train_seq2seq
-from lmembed.utils import count_params
+from lmembed.training.seq2seq import evaluate_seq2seq_run, load_seq2seq_run, train_seq2seq
 
 # modern word -> a Folio-like spelling of it
 SPELLING = {"upon": "vpon", "heaven": "heauen", "love": "loue", "give": "giue", "have": "haue", "again": "againe",

@@ -10,7 +10,7 @@ import torch
 import lmembed
 from lmembed.config import make_config
 from lmembed.errors import LmembedError, TrainingDiverged
-from lmembed.evaluate import lm_nll, ppl
+from lmembed.evaluation import lm_nll, ppl
 
 
 def _cfg(data, **kw):
@@ -127,7 +127,7 @@ def test_truncated_weights_file(tiny_corpus, tmp_path):
 
 def test_window_eval_matches_full_context_when_window_covers_all():
     """Sliding windows with stride < window must score every target exactly once."""
-    from lmembed.evaluate.perplexity import windows
+    from lmembed.evaluation.perplexity import windows
 
     for n, w, s in [(10, 4, 2), (5, 4, 2), (3, 4, 4), (100, 16, 5), (17, 17, 1)]:
         scored = []

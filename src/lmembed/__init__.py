@@ -1,32 +1,71 @@
 """lmembed: tie, compress and measure the token embeddings of language models.
 
-Python API (the CLI is a thin layer over it):
+Python API (the CLI is a thin layer over it). Two flows and the evaluation path they share:
 
+    # train (lmembed.training): tied or untied LMs, translation models, downstream fine-tuning
     cfg = lmembed.make_config("lstm", "small", data="path/to/ptb", tie="tied")
     metrics = lmembed.train(cfg, "runs/ptb-tied")
-    model, tokenizer, cfg = lmembed.load_run("runs/ptb-tied")
-    lmembed.evaluate_run("runs/ptb-tied", split="test")
 
-    report = lmembed.compress(hf_model, "ae:128")   # swaps the embedding modules in place
+    # compress (lmembed.compression): swap the embedding modules in place, save, load
+    report = lmembed.compress(hf_model, "ae:128")            # or lmembed.Int4(group=32), or a list
     lmembed.save(hf_model, "out/model-ae128"); model = lmembed.load("out/model-ae128")
+
+    # evaluate (lmembed.evaluation): open anything either flow wrote, measure it
+    opened = lmembed.open_model("runs/ptb-tied")             # or "out/model-ae128", "smollm2", ...
+    lmembed.evaluate_run("runs/ptb-tied", split="test"); lmembed.analyze(opened.model, opened.tokenizer)
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+from .compression import (
+    GPTQ,
+    RTN,
+    SVD,
+    AutoEncoder,
+    CalibStats,
+    GPTQInt2,
+    GPTQInt3,
+    GPTQInt4,
+    GPTQInt8,
+    GroupReduce,
+    Int2,
+    Int3,
+    Int4,
+    Int8,
+    KLFinetune,
+    Method,
+    Mixed,
+    Trim,
+    WeightedAutoEncoder,
+    WeightedSVD,
+    compress,
+    load,
+    parse_method,
+    parse_pipeline,
+    save,
+)
+from .compression.calibrate import calibrate
+from .config import FinetuneConfig, RunConfig, Seq2SeqConfig, make_config, make_seq2seq_config, paper_proj_reg
+from .data import Corpus, TextOptions, load_corpus
+from .data.parallel import load_parallel
+from .errors import LmembedError
+from .evaluation.embeddings import analyze
+from .evaluation.targets import Opened, open_model
+from .models.store import load_run, load_seq2seq_run
+from .tasks import load_task
+from .training.finetune import finetune
+from .training.lm import evaluate_run, train
+from .training.seq2seq import evaluate_seq2seq_run, train_seq2seq
 
-from .analysis import analyze  # noqa: E402
-from .compress import compress, load, save  # noqa: E402
-from .compress.calibrate import calibrate  # noqa: E402
-from .config import RunConfig, make_config, paper_proj_reg  # noqa: E402
-from .data import Corpus, TextOptions, load_corpus  # noqa: E402
-from .data.parallel import load_parallel  # noqa: E402
-from .errors import LmembedError  # noqa: E402
-from .runs import load_run  # noqa: E402
-from .seq2seq_config import Seq2SeqConfig, make_seq2seq_config  # noqa: E402
-from .tasks import load_task  # noqa: E402
-from .train import evaluate_run, train  # noqa: E402
-from .train_seq2seq import evaluate_seq2seq_run, load_seq2seq_run, train_seq2seq  # noqa: E402
-
-__all__ = ["__version__", "analyze", "compress", "calibrate", "save", "load", "RunConfig", "make_config",
-           "paper_proj_reg", "Corpus", "TextOptions", "load_corpus", "load_parallel", "LmembedError", "load_run",
-           "Seq2SeqConfig", "load_task", "make_seq2seq_config", "evaluate_run",
-           "train", "evaluate_seq2seq_run", "load_seq2seq_run", "train_seq2seq"]
+__all__ = ["__version__", "LmembedError",
+           # configs and data
+           "RunConfig", "Seq2SeqConfig", "FinetuneConfig", "make_config", "make_seq2seq_config", "paper_proj_reg",
+           "Corpus", "TextOptions", "load_corpus", "load_parallel", "load_task",
+           # train
+           "train", "evaluate_run", "load_run", "train_seq2seq", "evaluate_seq2seq_run", "load_seq2seq_run",
+           "finetune",
+           # compress
+           "compress", "save", "load", "calibrate", "CalibStats", "Method", "parse_method", "parse_pipeline",
+           "SVD", "AutoEncoder", "RTN", "Int8", "Int4", "Int3", "Int2", "WeightedSVD", "WeightedAutoEncoder", "GPTQ",
+           "GPTQInt8", "GPTQInt4", "GPTQInt3", "GPTQInt2", "Mixed", "KLFinetune", "Trim", "GroupReduce",
+           # evaluate
+           "open_model", "Opened", "analyze"]

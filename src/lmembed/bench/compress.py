@@ -18,14 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..compress import compress
-from ..compress.api import check_method
-from ..compress.hf import find_sites
+from ..common.files import prepare_out_dir, read_json, write_json
+from ..common.report import markdown_table, plot_scatter, write_text
+from ..common.runtime import seed_everything
+from ..compression import compress
+from ..compression.api import check_method
+from ..compression.calibrate import DEFAULT_TOKENS, CalibStats, calibrate
+from ..compression.hf import find_sites
 from ..errors import LmembedError
-from ..report import markdown_table, plot_scatter, write_text
-from ..utils import prepare_out_dir, read_json, seed_everything, write_json
+from ..evaluation.pretrained import EVAL_TOKENS
+from ..evaluation.subject import Subject, load_subject
 from .pareto import pareto_plot
-from .subject import Subject, load_subject
 
 DEFAULT_METHODS = "int8,int4,int4:g32,svd:432,ae:432,svd:288,ae:288"
 
@@ -36,9 +39,9 @@ def _slug(method: str, side: str) -> str:
 
 
 def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str = DEFAULT_METHODS,
-                   sides: str = "auto", max_tokens: int = 8192, seed: int = 0, force: bool = False,
+                   sides: str = "auto", max_tokens: int = EVAL_TOKENS, seed: int = 0, force: bool = False,
                    resume: bool = True, progress: bool | None = None, log=print, subject: Subject | None = None,
-                   calib: Any = None, calib_tokens: int = 16_384) -> dict[str, Any]:
+                   calib: Any = None, calib_tokens: int = DEFAULT_TOKENS) -> dict[str, Any]:
     """calib (a text spec or ids): the original model is calibrated once, every row reuses the
     statistics (rows that trim the vocabulary recalibrate their trimmed model)."""
     out = Path(out)
@@ -58,15 +61,9 @@ def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str 
     side_list = _sides(sides, sites)
     settings = {"model": model_spec, "text": text, "max_tokens": max_tokens, "seed": seed,
                 "metric": subject.metric, "eval": subject.eval_settings}
-    stats = None
-    if calib is not None:
-        from ..compress.calibrate import CalibStats, calibrate
-
-        t0 = time.perf_counter()
-        stats = calib if isinstance(calib, CalibStats) else calibrate(
-            subject.model, calib, tokenizer=subject.tokenizer, tokens=calib_tokens, seed=seed, progress=progress)
+    stats = _calibrate_once(subject, calib, calib_tokens, seed, progress, log)
+    if stats is not None:
         settings["calib"] = {"source": stats.source, "tokens": stats.tokens}
-        log(f"calibrated on {stats.tokens} tokens of {stats.source} ({time.perf_counter() - t0:.0f} s)")
     prev = out / "settings.json"
     if prev.exists() and read_json(prev) != settings and not force:
         raise LmembedError(f"{prev}: this folder holds a bench with other settings; pass --force to start over")
@@ -85,24 +82,39 @@ def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str 
                 f"{row['metric']:.4g} ({row['delta_pct']:+.2f} %)")
     result = {"bench": "compress", **settings, "shape": [v, d], "tied": sites.tied, "rows": rows}
     write_json(out / "compress.json", result)
+    log(_write_report(out, result, subject))
+    return result
+
+
+def _write_report(out: Path, result: dict[str, Any], subject: Subject) -> str:
+    """compress.md, compress.png and pareto.png; returns the table."""
+    rows, (v, d), metric, spec, text = result["rows"], result["shape"], subject.metric, result["model"], result["text"]
     cols = [("method", "method"), ("side", "side"), ("stored_bytes", "bytes"), ("ratio", "ratio"),
-            ("metric", subject.metric), ("delta_pct", "delta %"), ("rel_fro_error", "rel. error"),
+            ("metric", metric), ("delta_pct", "delta %"), ("rel_fro_error", "rel. error"),
             ("mean_row_cosine", "row cos"), ("knn10_overlap", "kNN@10"), ("fit_seconds", "fit s")]
     if any(r.get("vocab") not in (None, v) for r in rows):  # trimmed vocabularies: rows kept, unknowns
         cols[4:4] = [("vocab", "vocab"), ("unk_tokens", "unk")]
     table = markdown_table(rows, cols)
-    plot_scatter(out / "compress.png", [r for r in rows], x="stored_bytes", y="metric", label="method",
-                 group="side", xlabel="stored embedding bytes (log)", ylabel=subject.metric + (
-                     " (log)" if subject.lower_is_better else ""), logx=True, logy=subject.lower_is_better,
-                 title=f"{model_spec}: {subject.metric} on {text} vs bytes")
-    pareto_plot(out / "pareto.png", rows, metric=subject.metric, lower_is_better=subject.lower_is_better,
-                title=f"{model_spec}: {subject.metric} on {text} vs bytes (quality axis clipped near dense)")
-    write_text(out / "compress.md", f"# Embedding compression: {model_spec}\n\n"
-                                    f"Matrix {v} x {d} ({'tied' if sites.tied else 'untied'}); {subject.metric} on "
-                                    f"`{text}` ({subject.eval_settings}); seed {seed}.\n\n{table}\n"
+    plot_scatter(out / "compress.png", rows, x="stored_bytes", y="metric", label="method", group="side",
+                 xlabel="stored embedding bytes (log)", ylabel=metric + (" (log)" if subject.lower_is_better else ""),
+                 logx=True, logy=subject.lower_is_better, title=f"{spec}: {metric} on {text} vs bytes")
+    pareto_plot(out / "pareto.png", rows, metric=metric, lower_is_better=subject.lower_is_better,
+                title=f"{spec}: {metric} on {text} vs bytes (quality axis clipped near dense)")
+    write_text(out / "compress.md", f"# Embedding compression: {spec}\n\n"
+                                    f"Matrix {v} x {d} ({'tied' if result['tied'] else 'untied'}); {metric} on "
+                                    f"`{text}` ({subject.eval_settings}); seed {result['seed']}.\n\n{table}\n"
                                     "![bytes vs quality](compress.png)\n\n![Pareto, clipped](pareto.png)\n")
-    log(table)
-    return result
+    return table
+
+
+def _calibrate_once(subject: Subject, calib: Any, tokens: int, seed: int, progress, log) -> CalibStats | None:
+    """The original model's calibration statistics, shared by every row of the bench."""
+    if calib is None or isinstance(calib, CalibStats):
+        return calib
+    t0 = time.perf_counter()
+    stats = calibrate(subject.model, calib, tokenizer=subject.tokenizer, tokens=tokens, seed=seed, progress=progress)
+    log(f"calibrated on {stats.tokens} tokens of {stats.source} ({time.perf_counter() - t0:.0f} s)")
+    return stats
 
 
 def _sides(sides: str, sites) -> list[str]:
@@ -161,34 +173,3 @@ def _method_row(subject: Subject, method: str, side: str, seed: int, progress, l
         "mean_row_cosine": first["mean_row_cosine"], "knn10_overlap": first["knn10_overlap"], "report": rep,
         "vocab": first["shape"][0], "unk_tokens": metrics.get("unk_tokens"),
     }
-
-
-def add_parser(sub) -> None:
-    from ..commands.common import progress_flag
-    from ..compress.registry import describe_methods
-
-    p = sub.add_parser("compress", help="compress a pretrained model's embeddings with many methods: table + Pareto",
-                       description="Compress MODEL's token embeddings with each method (and side protocol), "
-                                   "evaluate each on a held-out text, and write compress.{json,md,png}.\n\n"
-                                   "Methods:\n" + describe_methods(),
-                       formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("model", help="bundled name (minilm, smollm2), local HF folder, hub id, or an lmembed run dir")
-    p.add_argument("--data", default="lee:train", help="evaluation text: file, folder, or bundled corpus[:split]")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method strings or pipelines")
-    p.add_argument("--sides", default="auto", help="auto (tied models: input,both), or a list of input/output/both")
-    p.add_argument("--max-tokens", type=int, default=8192, help="evaluate on the first N tokens of the text")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
-    p.add_argument("--calib", help="calibration text for calibrated methods (wsvd, wae, gptq-intB, mixed, kl); "
-                                   "keep it apart from --data")
-    p.add_argument("--calib-tokens", type=int, default=16_384, help="calibration budget in tokens")
-    progress_flag(p)
-
-    def run(args) -> int:
-        bench_compress(args.model, args.out, text=args.data, methods=args.methods, sides=args.sides,
-                       max_tokens=args.max_tokens, seed=args.seed, force=args.force, progress=args.progress,
-                       calib=args.calib, calib_tokens=args.calib_tokens)
-        return 0
-
-    p.set_defaults(func=run)

@@ -12,35 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..analysis import analyze_targets, table_rows, write_analysis
+from ..common.files import prepare_out_dir, write_json
+from ..common.report import markdown_table, plot_scatter, write_text
+from ..common.runtime import seed_everything
 from ..errors import LmembedError
-from ..evaluate.similarity import DEFAULT_ANALOGIES
-from ..report import markdown_table, plot_scatter, write_text
-from ..utils import prepare_out_dir, seed_everything, write_json
+from ..evaluation.embeddings import analyze_targets, table_rows, write_analysis
+from ..evaluation.similarity import DEFAULT_ANALOGIES
 
 DEFAULT_MODELS = "minilm,smollm2"
 DEFAULT_METHODS = "int8,int4,svd:256,svd:64,ae:256,ae:64"
 
 
-def bench_embeddings(models: list[str], methods: list[str], out: str | Path, *, benchmarks=None,
-                     analogies: Any = DEFAULT_ANALOGIES, pair_words: int = 2000, seed: int = 0, force: bool = False,
-                     log=print) -> dict[str, Any]:
-    if not models:
-        raise LmembedError("--models: give at least one model")
-    from ..compress.registry import parse_pipeline
-
-    for m in methods:
-        parse_pipeline(m)  # a bad method string fails before any model is loaded
-    out = prepare_out_dir(out, force=force)
-    seed_everything(seed)
-    specs, labels, comps = [], [], []
-    for model in models:
-        for method in [None, *methods]:
-            specs.append(model)
-            labels.append(model if method is None else f"{model}+{method}")
-            comps.append(method)
-    result, plot = analyze_targets(specs, labels=labels, compress=comps, benchmarks=benchmarks, analogies=analogies,
-                                   words=[], pair_words=pair_words, seed=seed, log=log)
+def _rows(result: dict[str, Any], specs: list[str], comps: list[str | None]) -> list[dict[str, Any]]:
+    """One row per (model, method, matrix): Spearman kept against the original, agreement with it."""
     agree = {(a["a"], a["b"]): a["spearman"] for a in result["cross_agreement"]}
     flat = {(r["target"], r["matrix"]): r for r in table_rows(result)}
     rows = []
@@ -61,6 +45,29 @@ def bench_embeddings(models: list[str], methods: list[str], out: str | Path, *, 
             for k in ("analogy", "effective_rank", "mean_cosine"):
                 row[k] = flat_row.get(k)
             rows.append(row)
+    return rows
+
+
+def bench_embeddings(models: list[str], methods: list[str], out: str | Path, *, benchmarks=None,
+                     analogies: Any = DEFAULT_ANALOGIES, pair_words: int = 2000, seed: int = 0, force: bool = False,
+                     log=print) -> dict[str, Any]:
+    if not models:
+        raise LmembedError("--models: give at least one model")
+    from ..compression.registry import parse_pipeline
+
+    for m in methods:
+        parse_pipeline(m)  # a bad method string fails before any model is loaded
+    out = prepare_out_dir(out, force=force)
+    seed_everything(seed)
+    specs, labels, comps = [], [], []
+    for model in models:
+        for method in [None, *methods]:
+            specs.append(model)
+            labels.append(model if method is None else f"{model}+{method}")
+            comps.append(method)
+    result, plot = analyze_targets(specs, labels=labels, compress=comps, benchmarks=benchmarks, analogies=analogies,
+                                   words=[], pair_words=pair_words, seed=seed, log=log)
+    rows = _rows(result, specs, comps)
     bench = {"bench": "embeddings", "models": models, "methods": methods, "seed": seed, "rows": rows,
              "analysis": result}
     write_json(out / "embeddings.json", bench)
@@ -83,29 +90,3 @@ def bench_embeddings(models: list[str], methods: list[str], out: str | Path, *, 
                                       "(embeddings.png)\n\nFull analysis: [analysis.md](analysis.md)\n")
     log(table)
     return bench
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("embeddings", help="word similarity kept by each compression method (SimLex, WS-353)",
-                       description="Analyse models as loaded and after each compression method: word-similarity "
-                                   "Spearman, analogy accuracy, effective rank and agreement with the original.")
-    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated runs or models (default: %(default)s)")
-    p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help="comma-separated lmembed.compress methods or pipelines (default: %(default)s)")
-    p.add_argument("--benchmark", action="append", metavar="NAME|FILE",
-                   help="word-similarity benchmark (default: simlex999 and ws353); repeatable")
-    p.add_argument("--analogies", default=DEFAULT_ANALOGIES, metavar="NAME|FILE|none")
-    p.add_argument("--pair-words", type=int, default=2000, metavar="N")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true")
-
-    def run(args) -> int:
-        bench_embeddings([m.strip() for m in args.models.split(",") if m.strip()],
-                         [m.strip() for m in args.methods.split(",") if m.strip()], args.out,
-                         benchmarks=args.benchmark,
-                         analogies=None if str(args.analogies).lower() == "none" else args.analogies,
-                         pair_words=args.pair_words, seed=args.seed, force=args.force)
-        return 0
-
-    p.set_defaults(func=run)

@@ -22,15 +22,15 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..compress import compress, save
-from ..compress.api import check_method
-from ..compress.hf import find_sites
-from ..compress.registry import parse_pipeline
+from ..common.files import read_json, write_json
+from ..common.report import markdown_table, plot_curves, write_text
+from ..compression import compress, save
+from ..compression.api import check_method
+from ..compression.hf import find_sites
+from ..compression.registry import parse_pipeline
 from ..errors import LmembedError
-from ..finetune import FinetuneConfig, _settings, finetune, mean_std, open_run_dir, pm
-from ..report import markdown_table, plot_curves, write_text
 from ..tasks import TextTask
-from ..utils import read_json, write_json
+from ..training.finetune import FinetuneConfig, _settings, finetune, mean_std, open_run_dir, pm
 
 DEFAULT_METHODS = "dense,svd:128,ae:128,int8,int4"
 
@@ -174,39 +174,3 @@ def _write_report(out: Path, result: dict[str, Any]) -> None:
             f"Mean fine-tuning time per seed: {statistics.fmean(secs):.0f} s.\n\n"
             "![mean validation accuracy per method](bench_finetune.png)\n")
     write_text(out / "bench_finetune.md", text)
-
-
-def add_parser(sub) -> None:
-    import argparse
-
-    from ..commands.common import progress_flag
-    from ..commands.finetune import add_task_args, add_training_args, config_from_args, task_from_args
-    from ..compress.registry import describe_methods
-    from ..finetune import iter_seeds
-
-    p = sub.add_parser("finetune", help="fine-tune one encoder with each compression method: accuracy table + curves",
-                       description="Compress MODEL's token embeddings with each method, fine-tune each on --task "
-                                   "over --seeds seeds, and write bench_finetune.{json,md,png}. 'dense' is the "
-                                   "uncompressed model.\n\nMethods:\n" + describe_methods(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="bundled name (minilm), transformers folder or hub id")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated: dense and method strings/pipelines")
-    p.add_argument("--compress-seed", type=int, default=0, help="seed of the compression fits (one per method)")
-    p.add_argument("--out", required=True, help="output folder (an interrupted bench resumes with the same command)")
-    p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
-    add_task_args(p)
-    add_training_args(p)
-    progress_flag(p)
-
-    def run(args) -> int:
-        cfg = config_from_args(args)
-        seeds = list(iter_seeds(args.seed, args.seeds))
-        result = bench_finetune(args.model, task_from_args(args), args.out, methods=args.methods, seeds=seeds,
-                                config=cfg, split_seed=args.split_seed, compress_seed=args.compress_seed,
-                                force=args.force, progress=args.progress)
-        for c in result["comparisons"]:
-            print(c["text"])
-        print(f"report: {args.out}/bench_finetune.md")
-        return 0
-
-    p.set_defaults(func=run)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..report import _plt
+from ..common.report import _plt
 
 
 def frontier(rows: list[dict[str, Any]], lower_is_better: bool) -> list[dict[str, Any]]:

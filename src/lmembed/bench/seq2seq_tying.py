@@ -1,6 +1,6 @@
 """Press & Wolf 2017, section 6: translation models untied / decoder-tied / three-way tied.
 
-Reached through ``lmembed bench tying --seq2seq`` (this module has no add_parser of its own).
+Reached through ``lmembed bench tying --seq2seq``.
 The three runs share seed, data and, by default, one BPE vocabulary, so the tie mode is the only
 difference; with --no-shared-vocab the none and decoder rows use one vocabulary per side (the
 three-way row cannot). The table reports the parameter reduction against the untied model beside
@@ -15,13 +15,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .. import runs
+from ..common.files import prepare_out_dir, write_json
+from ..common.report import markdown_table, plot_curves, write_text
+from ..config import SEQ2SEQ_TIE_MODES, Seq2SeqConfig
 from ..data.parallel import load_parallel
-from ..errors import LmembedError
-from ..report import markdown_table, plot_curves, write_text
-from ..seq2seq_config import SEQ2SEQ_TIE_MODES, Seq2SeqConfig
-from ..utils import prepare_out_dir, write_json
-from .tying import _existing
+from ..models.store import CHECKPOINT
+from ..training.runs import finished_metrics
+from ..training.seq2seq import train_seq2seq
 
 PAPER_REDUCTION = 0.52  # Press & Wolf 2017: three-way tying "reduces model size by about half" (~52 %)
 
@@ -31,8 +31,6 @@ def bench_seq2seq_tying(base: Seq2SeqConfig, out: str | Path, *, shared_vocab: b
                         ) -> dict[str, Any]:
     """Train one run per tie mode (reusing finished ones, resuming interrupted ones) and write
     tying-seq2seq.{json,md,png} in `out`."""
-    from ..train_seq2seq import train_seq2seq
-
     out = Path(out)
     if force:
         prepare_out_dir(out, force=True)
@@ -42,10 +40,10 @@ def bench_seq2seq_tying(base: Seq2SeqConfig, out: str | Path, *, shared_vocab: b
     for tie in modes:
         cfg = dataclasses.replace(base, tie=tie, shared_vocab=shared_vocab or tie == "three-way")
         run = out / tie
-        metrics = _existing(run, cfg)
+        metrics = finished_metrics(run, cfg)
         if metrics is None:
             log(f"== {tie} ==")
-            metrics = train_seq2seq(cfg, run, resume=(run / runs.CHECKPOINT).exists(), text=text,
+            metrics = train_seq2seq(cfg, run, resume=(run / CHECKPOINT).exists(), text=text,
                                     progress=progress, log=log)
         row = {"model": tie, **{k: metrics[k] for k in (
             "shared_vocab", "src_vocab", "tgt_vocab", "params", "embedding_params", "valid_ppl", "test_ppl",
@@ -87,22 +85,3 @@ def bench_seq2seq_tying(base: Seq2SeqConfig, out: str | Path, *, shared_vocab: b
                "![validation perplexity per epoch](tying-seq2seq.png)\n")
     log(table)
     return result
-
-
-# LM flags of `bench tying` that mean nothing for a translation model.
-LM_ONLY = ("tokenize", "lowercase", "max_vocab", "min_freq", "train_tokens", "bptt", "emb_dim", "hidden", "layers",
-           "eval_batch_size", "ce_chunk", "compile", "proj_reg")
-
-
-def run_from_args(args) -> int:
-    """`lmembed bench tying --seq2seq ...` (flags parsed by bench/tying.py)."""
-    from ..commands.train_seq2seq import seq2seq_config_from_args
-
-    given = [f"--{n.replace('_', '-')}" for n in LM_ONLY if getattr(args, n, None) is not None]
-    if given or args.arch != "lstm":
-        raise LmembedError(f"bench tying --seq2seq: {', '.join(given or ['--arch'])} apply to language models "
-                           "only (see --d-model, --enc-layers, --dec-layers for translation models)")
-    base = seq2seq_config_from_args(args, data=args.data or "shakespeare-folio", tie="none", shared_vocab=None)
-    bench_seq2seq_tying(base, args.out, shared_vocab=args.shared_vocab is not False, force=args.force,
-                        progress=args.progress)
-    return 0

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .. import runs
+from ..common.files import prepare_out_dir, write_json
+from ..common.report import markdown_table, plot_curves, write_text
 from ..config import RunConfig, paper_proj_reg
+from ..data.bundled import TextOptions
 from ..data.corpus import load_corpus
 from ..errors import LmembedError
-from ..report import markdown_table, plot_curves, write_text
-from ..train import text_options, train
-from ..utils import prepare_out_dir, read_json, write_json
+from ..models.store import CHECKPOINT
+from ..training.lm import train
+from ..training.runs import finished_metrics
 
 COMBOS = (("untied", "none", False), ("tied", "tied", False), ("untied+PR", "none", True), ("tied+PR", "tied", True))
 
@@ -42,16 +43,16 @@ def bench_tying(base: RunConfig, out: str | Path, *, proj_reg: float | None = No
     if force:
         prepare_out_dir(out, force=True)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(base.data, options=text_options(base))
+    corpus = load_corpus(base.data, options=TextOptions.of(base))
     is_ptb = any(p.name.startswith("ptb.") for p in corpus.files.get("train", []))
     rows = []
     for name, tie, with_pr in combos:
         cfg = dataclasses.replace(base, tie=tie, proj_reg=pr if with_pr else 0.0)
         run = out / name
-        metrics = _existing(run, cfg)
+        metrics = finished_metrics(run, cfg)
         if metrics is None:
             log(f"== {name} ==")
-            metrics = train(cfg, run, resume=(run / runs.CHECKPOINT).exists(), corpus=corpus, progress=progress,
+            metrics = train(cfg, run, resume=(run / CHECKPOINT).exists(), corpus=corpus, progress=progress,
                             log=log)
         row = {"model": name, **{k: metrics[k] for k in ("tie", "proj_reg", "params", "embedding_params",
                                                          "valid_ppl", "test_ppl", "tokens_per_s", "epochs")}}
@@ -96,7 +97,7 @@ def embedding_columns(run_dirs: dict[str, Path], rows: list[dict[str, Any]], *, 
     """Add SimLex-999 / WS-353 Spearman and effective rank of U and V to each row (a tied run's one
     matrix fills both sides) and return the agreement between every pair of matrices across the runs.
     Skipped with a note when the benchmarks are unavailable (gensim not installed)."""
-    from ..analysis import analyze_targets
+    from ..evaluation.embeddings import analyze_targets
 
     try:
         result, _ = analyze_targets([str(p) for p in run_dirs.values()], labels=list(run_dirs), analogies=None,
@@ -119,53 +120,3 @@ def embedding_columns(run_dirs: dict[str, Path], rows: list[dict[str, Any]], *, 
     agreement = [{**a, "a": f"{t['label']}/{a['a']}", "b": f"{t['label']}/{a['b']}"}
                  for t in result["targets"] for a in t["agreement"]]
     return agreement + result["cross_agreement"]
-
-
-def _existing(run: Path, cfg: Any) -> dict[str, Any] | None:
-    """Finished metrics of a previous identical run (LM or seq2seq config), None if it must (re)start
-    or resume."""
-    if not (run / runs.CONFIG).exists():
-        return None
-    saved = type(cfg).from_dict(read_json(run / runs.CONFIG, "run config"), str(run / runs.CONFIG))
-    if saved != cfg:
-        raise LmembedError(f"{run}: holds a run with a different configuration; pass --force to retrain")
-    m = read_json(run / runs.METRICS, "run metrics") if (run / runs.METRICS).exists() else {}
-    return m if m.get("finished") else None
-
-
-def add_parser(sub) -> None:
-    from ..commands.common import add_data_args, add_model_args, config_from_args, progress_flag
-
-    p = sub.add_parser("tying", help="untied / tied / +PR (Press & Wolf 2017, Table 6); --seq2seq: translation",
-                       description="Train the four tying combinations with the same seed; print one table. "
-                                   "With --seq2seq: encoder-decoder models untied / decoder / three-way tied "
-                                   "(Press & Wolf 2017, section 6) on a parallel corpus (default shakespeare-folio).")
-    add_data_args(p)
-    add_model_args(p, tie=False)
-    p.set_defaults(data=None)  # the LM default (shakespeare) comes from RunConfig, seq2seq's from its bench
-    p.add_argument("--seq2seq", action="store_true",
-                   help="translation models: none / decoder / three-way tying; params, BLEU, chrF")
-    from ..commands.train_seq2seq import add_seq2seq_args
-
-    add_seq2seq_args(p, tie=False, skip_existing=True)
-    p.add_argument("--proj-reg", type=float, default=None, metavar="LAMBDA",
-                   help="penalty for the +PR rows (default: Press & Wolf's, 1/(13*batch*bptt))")
-    p.add_argument("--models", default=",".join(c[0] for c in COMBOS),
-                   help="comma-separated subset of " + ", ".join(c[0] for c in COMBOS) + " (default: all four)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="retrain everything in --out")
-    p.add_argument("--analysis", action=argparse.BooleanOptionalAction, default=True,
-                   help="SimLex-999 / WS-353 Spearman and effective rank of U and V per row (default: on)")
-    progress_flag(p)
-
-    def run(args) -> int:
-        if args.seq2seq:
-            from .seq2seq_tying import run_from_args
-
-            return run_from_args(args)
-        base = config_from_args(args, tie="none", proj_reg=0.0)
-        bench_tying(base, args.out, proj_reg=args.proj_reg, force=args.force, progress=args.progress,
-                    analysis=args.analysis, combos=pick_combos(args.models))
-        return 0
-
-    p.set_defaults(func=run)

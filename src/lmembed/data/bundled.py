@@ -10,6 +10,7 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import LmembedError
 
@@ -23,6 +24,12 @@ class TextOptions:
     max_vocab: int | None = None
     min_freq: int | None = None
     bpe: int | None = None  # byte-level BPE vocabulary size instead of words
+
+    @classmethod
+    def of(cls, cfg: Any) -> TextOptions:
+        """The text options of a run config (its tokenize, lowercase, max_vocab, min_freq, bpe)."""
+        return cls(split=cfg.tokenize, lowercase=cfg.lowercase, max_vocab=cfg.max_vocab, min_freq=cfg.min_freq,
+                   bpe=cfg.bpe)
 
     def merged_over(self, base: TextOptions) -> TextOptions:
         return TextOptions(**{k: (v if v is not None else getattr(base, k)) for k, v in vars(self).items()})

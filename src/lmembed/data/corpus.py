@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..common.files import current_umask, read_json, write_json
 from ..errors import LmembedError
-from ..utils import _umask, read_json, write_json
 from . import bundled
 from .bundled import PLAIN, TextOptions
 from .vocab import BPETokenizer, Tokenizer, WordTokenizer, load_tokenizer, save_tokenizer
@@ -37,6 +37,7 @@ LAYOUTS = {  # name -> filename pattern per split
 }
 CACHE_VERSION = 1
 ID_DTYPE = np.int32
+PROGRESS_MIN_BYTES = 20_000_000  # tokenising less text than this takes seconds: no progress bar
 
 
 @dataclass
@@ -143,7 +144,7 @@ def _encode_to_file(tok: Tokenizer, paths: list[Path], out: Path, desc: str, enc
     buf: array = array("i")
     chunk: list[str] = []
     with open(out, "wb") as f, tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc,
-                                    disable=None if total_bytes > 20_000_000 else True, leave=False) as bar:
+                                    disable=None if total_bytes > PROGRESS_MIN_BYTES else True, leave=False) as bar:
         def flush_lines() -> None:
             nonlocal n
             for ids in tok.encode_lines(chunk):
@@ -216,7 +217,14 @@ def load_corpus(
             shutil.rmtree(cache_dir, ignore_errors=True)  # stale or damaged cache: rebuild below
 
     tok = tokenizer if tokenizer is not None else _build_tokenizer(files["train"], opts, encoding)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=_ensure_dir(cache_dir.parent)))
+    return _build_cache(name, files, tok, encoding, key_src, cache_dir, keep=cache)
+
+
+def _build_cache(name: str, files: dict[str, list[Path]], tok: Tokenizer, encoding: str, key_src: dict,
+                 cache_dir: Path, *, keep: bool) -> Corpus:
+    """Tokenise every split into a temp folder, then rename it into place (another process that
+    finished first wins: its cache is identical)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=_ensure_dir(cache_dir.parent)))
     try:
         counts = {}
         for s, paths in files.items():
@@ -226,12 +234,12 @@ def load_corpus(
                 raise LmembedError(f"{shown}: {s} split is empty (no tokens)")
         save_tokenizer(tok, tmp / "tokenizer.json")
         write_json(tmp / "meta.json", {"counts": counts, "key": key_src, "name": name})
-        if not cache:  # memory maps outlive the deleted files (POSIX)
+        if not keep:  # memory maps outlive the deleted files (POSIX)
             corpus = _load_cached(name, tmp, files)
             shutil.rmtree(tmp, ignore_errors=True)
             corpus.cache_dir = None
             return corpus
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         try:
             os.replace(tmp, cache_dir)
         except OSError:  # another process won the race: use its (identical) cache

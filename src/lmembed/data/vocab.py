@@ -24,6 +24,9 @@ _WORD_RE = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+(?:[.,]\d+)*|[^\w\s]", 
 
 SPLITS = ("whitespace", "words")
 
+# A byte-level BPE starts from 256 byte symbols plus a few specials: smaller cannot hold them.
+BPE_MIN_VOCAB = 260
+
 
 def split_line(line: str, how: str = "whitespace", lowercase: bool = False) -> list[str]:
     """`whitespace` keeps pre-tokenised corpora (PTB, WikiText) as they are; `words` splits raw text."""
@@ -147,8 +150,8 @@ class BPETokenizer:
     def build(cls, lines: Iterable[str], *, vocab_size: int) -> BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        if vocab_size < 260:
-            raise LmembedError(f"--bpe {vocab_size}: byte-level BPE needs a vocabulary of at least 260")
+        if vocab_size < BPE_MIN_VOCAB:
+            raise LmembedError(f"--bpe {vocab_size}: byte-level BPE needs a vocabulary of at least {BPE_MIN_VOCAB}")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         tok.decoder = decoders.ByteLevel()
@@ -203,7 +206,7 @@ Tokenizer = WordTokenizer | BPETokenizer
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
-    from ..utils import write_json
+    from ..common.files import write_json
 
     write_json(path, tok.to_dict())
 
@@ -220,7 +223,7 @@ def tokenizer_from_dict(d: dict, where: str = "tokenizer") -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    from ..utils import read_json
+    from ..common.files import read_json
 
     d = read_json(path, "tokenizer file")
     try:

@@ -157,3 +157,13 @@ def load_pretrained(spec: str, *, task: str = "auto", device: str = "cpu", **kwa
             f"({', '.join(BUNDLED_MODELS)}) or a hub id with network access"
         ) from None
     return model.to(device).eval(), tok
+
+
+def context_length(model, default: int = 1 << 30) -> int:
+    """The longest input a model's position embeddings allow (no limit known: `default`)."""
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Seq2SeqConfig
 from ..errors import LmembedError
-from ..seq2seq_config import Seq2SeqConfig
 from .heads import LMHead
 
 IGNORE = -100  # target id of padding positions (skipped by the loss)

@@ -27,9 +27,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..common.files import atomic_write_bytes
 from ..data.corpus import iter_lines
 from ..errors import LmembedError
-from ..utils import atomic_write_bytes
 
 REQUIREMENT = "vaderSentiment==3.3.2"
 SDIST = "vaderSentiment-3.3.2.tar.gz"

@@ -1,0 +1,108 @@
+"""`kl:STEPS`: a short calibration fine-tune of a compressed matrix's own parameters.
+
+Appended to a pipeline (``mixed:3.5 > kl:100``), it adjusts what the previous stage left
+trainable so that the output layer's next-token distribution matches the original one on the
+calibration hidden states: min KL(softmax(h Eᵀ) || softmax(h Êᵀ)). Trainable are the fp16 scales
+of quantised rows (as log-multipliers, so they stay positive and steps are relative) and the
+factors of a factorisation; integer codes stay fixed. A tied matrix also serves lookups, so a
+term `inp` · mean_v f_v ||Ê_v - E_v||² (frequency weighted, relative to its starting value)
+keeps the input role from drifting. Bounded by STEPS; deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import LmembedError
+from .calibrated import need_calib
+from .modules import CompressedEmbedding, QuantizedEmbedding
+from .registry import Arg, FitContext, Method, non_negative_float, positive_float, positive_int, register
+
+
+@register
+class KLFinetune(Method):
+    needs_calib = True
+    name = "kl"
+    summary = "calibration fine-tune of the previous stage's scales/factors (KL to the original next-token dist.)"
+    whole_module = True
+    positional = (Arg("steps", positive_int, required=True),)
+    options = (
+        Arg("lr", positive_float, 5e-3, "Adam learning rate (log-scales: a relative step)"),
+        Arg("batch", positive_int, 256, "calibration hidden states per step"),
+        Arg("inp", non_negative_float, 1.0, "weight of the input-role term for tied matrices"),
+    )
+
+    def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
+        raise LmembedError(f"method {self.text!r} fine-tunes a compressed matrix: put it after a method "
+                           "(e.g. 'mixed:3.5 > kl:100')")
+
+    def apply(self, module: CompressedEmbedding, ctx: FitContext) -> CompressedEmbedding:
+        calib = need_calib(self, ctx)
+        if ctx.side == "input":
+            raise LmembedError(f"method {self.text!r} matches output distributions: it needs an output role "
+                               "(--side both/output on a model with an LM head)")
+        if calib.hidden_sample is None or ctx.weight is None:
+            raise LmembedError(f"method {self.text!r}: calibration has no hidden states of the output layer")
+        teacher = ctx.weight.detach().float()
+        if teacher.shape != (module.num_embeddings, module.embedding_dim):
+            raise LmembedError(f"method {self.text!r}: the module is {module.num_embeddings} x "
+                               f"{module.embedding_dim}, the original matrix {tuple(teacher.shape)}")
+        hs = calib.hidden_sample.float()
+        params, quantized = self._trainables(module)
+        if not params:
+            raise LmembedError(f"method {self.text!r}: {module.kind} has nothing to fine-tune")
+        opt = torch.optim.Adam(params, lr=self.lr)
+        g = torch.Generator().manual_seed(ctx.seed)
+        freq = calib.in_freq.float()
+        freq = freq / freq.sum()
+        tied = ctx.side == "tied" and self.inp > 0
+        with torch.no_grad():
+            base_inp = self._input_error(module, quantized, teacher, freq).clamp_min(1e-12) if tied else None
+        first = last = float("nan")
+        for step in tqdm(range(self.steps), desc=self.text, leave=False,
+                         disable=None if ctx.progress is None else not ctx.progress):
+            self._set_scales(quantized)
+            h = hs[torch.randint(0, len(hs), (self.batch,), generator=g)]
+            with torch.no_grad():
+                target = F.log_softmax(h @ teacher.t(), -1)
+            kl = F.kl_div(F.log_softmax(module.logits(h), -1), target, log_target=True, reduction="batchmean")
+            loss = kl
+            if tied:
+                loss = loss + self.inp * kl.detach().clamp_min(1e-6) * (
+                    self._input_error(module, quantized, teacher, freq) / base_inp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            first = kl.item() if step == 0 else first
+            last = kl.item()
+        self._set_scales(quantized, final=True)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        ctx.log(f"{self.text}: calibration KL {first:.4g} -> {last:.4g}")
+        return module
+
+    @staticmethod
+    def _trainables(module: CompressedEmbedding):
+        params = [p for p in module.parameters()]
+        quantized = []
+        for m in module.modules():
+            if isinstance(m, QuantizedEmbedding):
+                theta = torch.zeros(m.scales.shape, requires_grad=True)
+                quantized.append((m, m.scales.float().clone(), theta))
+                params.append(theta)
+        return params, quantized
+
+    @staticmethod
+    def _set_scales(quantized, final: bool = False) -> None:
+        for m, s0, theta in quantized:
+            s = s0 * theta.exp()
+            m.scales = s.detach().to(torch.float16) if final else s
+
+    def _input_error(self, module, quantized, teacher, freq) -> torch.Tensor:
+        """Frequency-weighted squared error of the looked-up rows (the rows calibration saw)."""
+        rows = freq.nonzero().flatten()
+        self._set_scales(quantized)
+        diff = module.lookup(rows) - teacher[rows]
+        return (freq[rows] * diff.pow(2).sum(1)).sum()

@@ -1,0 +1,184 @@
+"""Token-sensitivity mixed precision: more bits for the rows whose error costs most.
+
+Rows of an embedding matrix are not equally important: a tied model predicts a few thousand
+tokens almost all the time and looks up a similar set. `mixed:AVG` gives every row one of a few
+bit widths so that the *stored* bits per matrix value (codes, fp16 scales and the one-byte row
+class map) average AVG, choosing the widths that minimise the calibrated cost
+
+    Σ_v w_v · ΔE_v(b_v) M ΔE_v(b_v)ᵀ
+
+(row weights w and column metric M from the calibration statistics, see calibrated.py). The
+allocation is a Lagrangian relaxation: each row takes argmin_b cost_v(b) + λ·bits(b), and λ is
+bisected until the budget is met — optimal on the convex hull of each row's (bits, cost) curve.
+Every candidate width is rounded GPTQ-style against M (rows are independent given M, so a row's
+codes do not depend on which other rows share its width).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import LmembedError
+from .calibrated import DAMP, FLOOR, MIX, gptq_rows, metric_for, need_calib
+from .modules import CompressedEmbedding, QuantizedEmbedding, build_module, register_module
+from .quantize import CLIP, GRID
+from .registry import (
+    Arg,
+    FitContext,
+    Method,
+    group_size,
+    positive_float,
+    register,
+)
+
+
+@register_module
+class MixedQuantizedEmbedding(CompressedEmbedding):
+    """Rows quantised at different widths: one QuantizedEmbedding per width + a row -> width map."""
+
+    kind = "mixed"
+
+    def __init__(self, parts: list[QuantizedEmbedding], row_class: torch.Tensor, *, scale: float = 1.0):
+        super().__init__(len(row_class), parts[0].embedding_dim, scale=scale)
+        self.parts = torch.nn.ModuleList(parts)
+        self.register_buffer("row_class", row_class.to(torch.uint8))
+        self._index()
+
+    def _index(self) -> None:
+        """Derived (not stored): each row's slot within its class, and each class's rows."""
+        cls = self.row_class.long()
+        slot = torch.zeros_like(cls)
+        self._rows = []
+        for c in range(len(self.parts)):
+            rows = (cls == c).nonzero().flatten()
+            slot[rows] = torch.arange(len(rows), device=cls.device)
+            self._rows.append(rows)
+        self._slot = slot
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._index()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._index()
+        return out
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any]) -> MixedQuantizedEmbedding:
+        parts = [build_module(p) for p in spec["parts"]]
+        counts = [p["num_embeddings"] for p in spec["parts"]]
+        row_class = torch.cat([torch.full((n,), c, dtype=torch.uint8) for c, n in enumerate(counts)])
+        return cls(parts, row_class, scale=spec["scale"])
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "parts": [p.spec() for p in self.parts],
+                "bits": [p.bits for p in self.parts], "rows": [p.num_embeddings for p in self.parts]}
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        cls, slot = self.row_class[ids].long(), self._slot[ids]
+        out = torch.empty(len(ids), self.embedding_dim, device=ids.device)
+        for c, part in enumerate(self.parts):
+            sel = (cls == c).nonzero().flatten()
+            if len(sel):
+                out[sel] = part.lookup(slot[sel])
+        return out
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
+        for part, rows in zip(self.parts, self._rows, strict=True):
+            if len(rows):
+                out[..., rows] = part.logits(h)
+        return out
+
+
+def _choices(s: str) -> tuple[int, ...]:
+    bits = tuple(sorted({int(b) for b in s.replace("/", "-").split("-") if b}))
+    if not bits or any(not 1 <= b <= 8 for b in bits):
+        raise ValueError("expected widths between 1 and 8 joined by '-', e.g. 3-4-8")
+    return bits
+
+
+_choices.show = lambda v: "-".join(map(str, v))  # type: ignore[attr-defined]
+
+
+def row_costs(weight: torch.Tensor, quantized: QuantizedEmbedding, row_weight: torch.Tensor,
+              metric: torch.Tensor) -> torch.Tensor:
+    """w_v · ΔE_v M ΔE_vᵀ for every row (float64)."""
+    diff = (weight.double() - quantized.dense().double())
+    return row_weight.double() * ((diff @ metric.double()) * diff).sum(1)
+
+
+def allocate(costs: torch.Tensor, bits_per_row: torch.Tensor, budget: float) -> torch.Tensor:
+    """costs (V x C), bits_per_row (C,) stored bits of one row at each width; returns the class
+    per row minimising Σ cost subject to Σ bits <= budget (Lagrangian bisection)."""
+    v = costs.shape[0]
+    if bits_per_row.min().item() * v > budget + 1e-6:
+        raise LmembedError(f"mixed precision: the budget of {budget / v:.1f} bits per row is below the narrowest "
+                           f"width's {bits_per_row.min().item():.1f}")
+    lo, hi = 0.0, float(costs.max().item() / max(1e-12, (bits_per_row.max() - bits_per_row.min()).item())) * 4 + 1.0
+
+    def pick(lam: float) -> torch.Tensor:
+        return (costs + lam * bits_per_row[None, :].double()).argmin(1)
+
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if bits_per_row[pick(mid)].sum().item() > budget:
+            lo = mid
+        else:
+            hi = mid
+    return pick(hi)
+
+
+@register
+class Mixed(Method):
+    needs_calib = True
+    name = "mixed"
+    summary = "mixed-precision rows (calibrated): AVG stored bits per value, widths chosen by token sensitivity"
+    positional = (Arg("avg", positive_float, required=True, help="stored bits per matrix value, codes + scales + map"),
+                  Arg("group", group_size, 32, "gG: columns per fp16 scale (default g32)"))
+    options = (
+        Arg("choices", _choices, (2, 3, 4, 8), "allowed widths, e.g. 3-4-8"),
+        MIX, DAMP, FLOOR, GRID, CLIP,
+    )
+
+    def check(self, num_embeddings: int, dim: int) -> None:
+        if self.group > dim:
+            raise LmembedError(f"method {self.text!r}: group size {self.group} exceeds the embedding dimension {dim}")
+        lo = min(self.choices) + 16 / self.group + 8 / dim
+        if self.avg < lo:
+            raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
+                               f"({lo:.2f} with its scales and the row map)")
+
+    def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
+        v, d = weight.shape
+        self.check(v, d)
+        calib = need_calib(self, ctx)
+        metric = metric_for(self, ctx, d)
+        rw = calib.row_weights(ctx.side, mix=self.mix, floor=self.floor)
+        groups = math.ceil(d / self.group)
+        cands, costs = [], []
+        for b in self.choices:
+            q = gptq_rows(weight, metric, b, self.group, grid=self.grid, clip=self.clip)
+            cands.append(q)
+            costs.append(row_costs(weight, q, rw, metric))
+        row_bits = torch.tensor([math.ceil(d * b / 8) * 8 + 16 * groups + 8 for b in self.choices], dtype=torch.float64)
+        cls = allocate(torch.stack(costs, 1), row_bits, self.avg * v * d)
+        parts, kept = [], []
+        for c, q in enumerate(cands):
+            rows = (cls == c).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            part = QuantizedEmbedding(q.packed[rows].clone(), q.scales[rows].clone(), bits=q.bits,
+                                      group_size=q.group_size, embedding_dim=d, grid=q.grid)
+            parts.append(part)
+            kept.append(c)
+        remap = torch.full((len(cands),), 255, dtype=torch.long)
+        remap[kept] = torch.arange(len(kept))
+        counts = {self.choices[c]: int((cls == c).sum()) for c in kept}
+        ctx.log(f"{self.text}: rows per width {counts}")
+        return MixedQuantizedEmbedding(parts, remap[cls])
+
