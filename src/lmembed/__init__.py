@@ -18,6 +18,12 @@ Python API (the CLI is a thin layer over it). Two flows and the evaluation path 
 from ._version import __version__
 from .compression import (
     GPTQ,
+    KQ2,
+    KQ3,
+    KQ4,
+    KQ5,
+    KQ6,
+    KQ8,
     RTN,
     SVD,
     AutoEncoder,
@@ -34,6 +40,7 @@ from .compression import (
     KLFinetune,
     Method,
     Mixed,
+    SuperBlockQuant,
     Trim,
     WeightedAutoEncoder,
     WeightedSVD,
@@ -44,6 +51,7 @@ from .compression import (
     save,
 )
 from .compression.calibrate import calibrate
+from .compression.hf_quantizer import install_hook as _install_hook
 from .config import FinetuneConfig, RunConfig, Seq2SeqConfig, make_config, make_seq2seq_config, paper_proj_reg
 from .data import Corpus, TextOptions, load_corpus
 from .data.parallel import load_parallel
@@ -56,6 +64,8 @@ from .training.finetune import finetune
 from .training.lm import evaluate_run, train
 from .training.seq2seq import evaluate_seq2seq_run, train_seq2seq
 
+_install_hook()  # transformers' from_pretrained then knows lmembed's saves (lmembed.compression.hf_quantizer)
+
 __all__ = ["__version__", "LmembedError",
            # configs and data
            "RunConfig", "Seq2SeqConfig", "FinetuneConfig", "make_config", "make_seq2seq_config", "paper_proj_reg",
@@ -67,5 +77,6 @@ __all__ = ["__version__", "LmembedError",
            "compress", "save", "load", "calibrate", "CalibStats", "Method", "parse_method", "parse_pipeline",
            "SVD", "AutoEncoder", "RTN", "Int8", "Int4", "Int3", "Int2", "WeightedSVD", "WeightedAutoEncoder", "GPTQ",
            "GPTQInt8", "GPTQInt4", "GPTQInt3", "GPTQInt2", "Mixed", "KLFinetune", "Trim", "GroupReduce",
+           "SuperBlockQuant", "KQ2", "KQ3", "KQ4", "KQ5", "KQ6", "KQ8",
            # evaluate
            "open_model", "Opened", "analyze"]

@@ -15,7 +15,7 @@ import sys
 from .._version import __version__
 from ..errors import LmembedError
 
-COMMANDS = ("train", "eval", "compress", "analyze", "finetune", "train_seq2seq", "bench", "info")
+COMMANDS = ("train", "eval", "compress", "export", "analyze", "finetune", "train_seq2seq", "bench", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from ..common.files import prepare_out_dir, write_json
-from ..common.report import markdown_table, write_text
+from ..common.files import check_out_dir, json_bytes
+from ..common.report import markdown_table
 from ..common.runtime import seed_everything
 from ..compression import compress, save
 from ..compression.calibrate import DEFAULT_TOKENS
@@ -17,6 +16,7 @@ from ..errors import LmembedError
 from ..evaluation.pretrained import EVAL_TOKENS
 from ..evaluation.subject import Subject, load_subject
 from ..evaluation.targets import open_model
+from ..export.blocks import BLOCK_TYPES
 from .args import progress_flag
 
 
@@ -36,16 +36,21 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-tokens", type=int, default=DEFAULT_TOKENS, help="calibration budget in tokens")
     p.add_argument("--eval-text", help="evaluate dense and compressed on this text (file, folder, corpus[:split])")
     p.add_argument("--max-tokens", type=int, default=EVAL_TOKENS, help="tokens of --eval-text to evaluate on")
+    p.add_argument("--gguf-type", choices=sorted(BLOCK_TYPES), metavar="TYPE",
+                   help="MODEL.gguf -> OUT.gguf: llama.cpp block type of the token matrix (default: the one that holds "
+                        "the method's codes exactly: int8 -> Q8_0, int4 -> Q4_0; a trim alone keeps the source's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--force", action="store_true", help="replace what lmembed wrote in --out (other files stay)")
     progress_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     as_pipeline(args.method)  # a typo fails here, before the model loads
+    if str(args.model).endswith(".gguf") or str(args.out).endswith(".gguf"):
+        return _run_gguf(args)
     seed_everything(args.seed)
-    prepare_out_dir(args.out, force=args.force)  # refuse early, before any heavy work
+    check_out_dir(args.out, force=args.force)  # refuse early, before any heavy work
     subject = load_subject(args.model, text=args.eval_text, max_tokens=args.max_tokens,
                            progress=args.progress) if args.eval_text else None
     opened = None if subject else open_model(args.model)
@@ -57,9 +62,24 @@ def run(args) -> int:
     tok = new_tok if new_tok is not None else tok
     if subject is not None:
         report["eval"] = _evaluate_after(subject, model, new_tok, before, args.eval_text)
-    save(model, args.out, tokenizer=tok, force=True, report=report)
-    _write_report(Path(args.out), args.model, report)
+    table, markdown = _report_files(args.model, report)
+    save(model, args.out, tokenizer=tok, force=args.force, report=report, extra_files={
+        "report.json": json_bytes(report), "report.md": markdown.encode()})
+    print(table, end="")
     print(f"saved to {args.out} (load with lmembed.load({str(args.out)!r}))")
+    return 0
+
+
+def _run_gguf(args) -> int:
+    """MODEL.gguf -> OUT.gguf: the token matrix rewritten in a llama.cpp block type, the rest copied."""
+    if not (str(args.model).endswith(".gguf") and str(args.out).endswith(".gguf")):
+        raise LmembedError(f"{args.model} -> {args.out}: a GGUF output needs a GGUF model (MODEL.gguf --out NEW.gguf)")
+    if args.eval_text:
+        raise LmembedError("--eval-text: not for GGUF files; evaluate NEW.gguf with `lmembed bench compress`")
+    from ..export import compress_gguf
+
+    compress_gguf(args.model, args.method, args.out, gguf_type=args.gguf_type, calib=args.calib,
+                  calib_tokens=args.calib_tokens if args.calib else None, seed=args.seed, force=args.force)
     return 0
 
 
@@ -71,8 +91,8 @@ def _evaluate_after(subject: Subject, model: Any, new_tok: Any, before: dict, te
             "delta_pct": 100 * (after[subject.metric] / before[subject.metric] - 1)}
 
 
-def _write_report(out: Path, model_spec: str, report: dict[str, Any]) -> None:
-    write_json(out / "report.json", report)
+def _report_files(model_spec: str, report: dict[str, Any]) -> tuple[str, str]:
+    """(table for the terminal, report.md)."""
     rows = [{**m, "method": report["method"], "side": report["side"]} for m in report["matrices"]]
     table = markdown_table(rows, ["method", "side", "role", "kind", "stored_bytes", "ratio", "ratio_fp16",
                                   "rel_fro_error", "mean_row_cosine", "knn10_overlap"])
@@ -81,5 +101,4 @@ def _write_report(out: Path, model_spec: str, report: dict[str, Any]) -> None:
         e = report["eval"]
         extra = (f"\n{e['metric']} on {e['text']}: dense {e['dense'][e['metric']]:.4g}, compressed "
                  f"{e['compressed'][e['metric']]:.4g} ({e['delta_pct']:+.2f} %)\n")
-    write_text(out / "report.md", f"# lmembed compress: {model_spec} with {report['method']}\n\n{table}{extra}")
-    print(table + extra, end="")
+    return table + extra, f"# lmembed compress: {model_spec} with {report['method']}\n\n{table}{extra}"

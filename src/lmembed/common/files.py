@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -77,10 +80,14 @@ def _clean(o: Any) -> Any:
     return o
 
 
+def json_bytes(obj: Any) -> bytes:
+    """Stable, diffable JSON: sorted keys, 2-space indent, trailing newline; NaN/inf as null."""
+    return (json.dumps(_clean(obj), indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Stable, diffable JSON: sorted keys, 2-space indent, trailing newline, atomic."""
-    text = json.dumps(_clean(obj), indent=2, sort_keys=True, default=_json_default) + "\n"
-    atomic_write_bytes(path, text.encode())
+    """json_bytes(obj), written atomically."""
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> Any:
@@ -91,6 +98,17 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise LmembedError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LmembedError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def check_out_dir(out: str | Path, *, force: bool) -> Path:
+    """Refuse an output that is a file, or a non-empty folder without --force; changes nothing
+    (what --force replaces is replaced later, once the new result is complete)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LmembedError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise LmembedError(f"{out}: directory is not empty; pass --force to replace what lmembed wrote there")
+    return out
 
 
 def prepare_out_dir(out: str | Path, *, force: bool, resume: bool = False, marker: str = "config.json") -> Path:
@@ -110,3 +128,52 @@ def prepare_out_dir(out: str | Path, *, force: bool, resume: bool = False, marke
         raise LmembedError(f"{out}: nothing to resume ({marker} not found)")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def publish_dir(tmp: Path, out: Path, owned: set[str]) -> None:
+    """Make the complete folder `tmp` the folder `out`. An existing `out` is swapped out in one
+    atomic step where the OS allows (else two renames, microseconds apart), so a reader sees the
+    old complete result or the new one; then the entries of the old folder that lmembed did not
+    write (`owned`: the names lmembed writes there) move into the new one. A user's own files are
+    never deleted: after a crash in between, they are in the `.NAME.lmembed-old-*` sibling."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.lmembed-old-", dir=out.parent))
+    if _exchange(tmp, out):
+        os.rmdir(old)
+        os.replace(tmp, old)  # tmp now names the old folder
+    else:
+        os.rmdir(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+    for entry in sorted(old.iterdir()):
+        if entry.name not in owned and not (out / entry.name).exists():
+            os.replace(entry, out / entry.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(out: Path) -> Path:
+    """An empty sibling folder of `out` (same filesystem) to build a new result in."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.lmembed-new-", dir=out.parent))

@@ -35,13 +35,19 @@ from .registry import (
     register,
 )
 from .remap import remap_tokenizer
+from .superblock import KQ2, KQ3, KQ4, KQ5, KQ6, KQ7, KQ8, SuperBlockEmbedding, SuperBlockQuant
 from .svd import SVD
 from .trim import Trim, TrimmedEmbedding
 
-__all__ = ["compress", "check_method", "save", "load", "CalibStats", "CompressedEmbedding", "CompressedHead",
-           "DenseEmbedding", "FactorizedEmbedding", "QuantizedEmbedding", "MixedQuantizedEmbedding", "GroupedEmbedding",
-           "TrimmedEmbedding", "build_module", "REGISTRY", "FitContext", "Method", "as_pipeline", "method_names",
-           "parse_method", "parse_pipeline", "pipeline_text", "register", "remap_tokenizer", "token_counts",
-           # the methods, typed
-           "SVD", "AutoEncoder", "RTN", "Int8", "Int4", "Int3", "Int2", "WeightedSVD", "WeightedAutoEncoder", "GPTQ",
-           "GPTQInt8", "GPTQInt4", "GPTQInt3", "GPTQInt2", "Mixed", "KLFinetune", "Trim", "GroupReduce"]
+__all__ = [
+    "compress", "check_method", "save", "load", "CalibStats", "build_module", "REGISTRY", "FitContext", "Method",
+    "as_pipeline", "method_names", "parse_method", "parse_pipeline", "pipeline_text", "register", "remap_tokenizer",
+    "token_counts",
+    # the modules a compressed matrix is stored as
+    "CompressedEmbedding", "CompressedHead", "DenseEmbedding", "FactorizedEmbedding", "QuantizedEmbedding",
+    "MixedQuantizedEmbedding", "GroupedEmbedding", "TrimmedEmbedding", "SuperBlockEmbedding",
+    # the methods, typed
+    "SVD", "AutoEncoder", "RTN", "Int8", "Int4", "Int3", "Int2", "WeightedSVD", "WeightedAutoEncoder", "GPTQ",
+    "GPTQInt8", "GPTQInt4", "GPTQInt3", "GPTQInt2", "Mixed", "KLFinetune", "Trim", "GroupReduce", "SuperBlockQuant",
+    "KQ2", "KQ3", "KQ4", "KQ5", "KQ6", "KQ7", "KQ8",
+]

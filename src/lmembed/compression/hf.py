@@ -116,25 +116,30 @@ def install(model: nn.Module, sites: Sites, side: str, input_module: CompressedE
 def drop_hf_ties(model: nn.Module, replaced: list[str]) -> None:
     """Remove `transformers`' tie entries that point at replaced modules: lmembed now holds the tie
     (one module object on both sides) and a later ``model.tie_weights()`` must not look for the
-    ``.weight`` Parameters that no longer exist. The config is left untouched (T5 reads meaning
-    into ``tie_word_embeddings``)."""
+    ``.weight`` Parameters that no longer exist. The removed entries are kept on the module
+    (restore_hf_ties puts them back when plain modules return). The config is left untouched
+    (T5 reads meaning into ``tie_word_embeddings``)."""
     if not replaced:
         return
     prefixes = tuple(p + "." for p in replaced)
     for prefix, sub in _named(model):
-        keys = getattr(sub, "_tied_weights_keys", None)
-        if not isinstance(keys, dict) or not keys:
-            continue
         local = f"{prefix}." if prefix else ""
-        kept = {t: s for t, s in keys.items()
-                if not (f"{local}{t}".startswith(prefixes) or f"{local}{s}".startswith(prefixes))}
-        if len(kept) != len(keys):
-            sub._tied_weights_keys = kept
-        all_keys = getattr(sub, "all_tied_weights_keys", None)
-        if isinstance(all_keys, dict):
-            sub.all_tied_weights_keys = {t: s for t, s in all_keys.items()
-                                         if not (f"{local}{t}".startswith(prefixes)
-                                                 or f"{local}{s}".startswith(prefixes))}
+        for attr in ("_tied_weights_keys", "all_tied_weights_keys"):
+            keys = getattr(sub, attr, None)
+            if not isinstance(keys, dict) or not keys:
+                continue
+            gone = {t: s for t, s in keys.items()
+                    if f"{local}{t}".startswith(prefixes) or f"{local}{s}".startswith(prefixes)}
+            if gone:
+                setattr(sub, attr, {t: s for t, s in keys.items() if t not in gone})
+                sub.__dict__.setdefault("_lmembed_dropped_ties", {}).setdefault(attr, {}).update(gone)
+
+
+def restore_hf_ties(model: nn.Module) -> None:
+    """Put back the tie entries drop_hf_ties removed (the tied sites hold plain modules again)."""
+    for _, sub in _named(model):
+        for attr, gone in sub.__dict__.pop("_lmembed_dropped_ties", {}).items():
+            setattr(sub, attr, {**(getattr(sub, attr, None) or {}), **gone})
 
 
 def compressed_modules(model: nn.Module) -> dict[int, tuple[CompressedEmbedding, list[str], list[str]]]:

@@ -1,19 +1,29 @@
 """`lmembed.save(model, dir)` / `lmembed.load(dir)`: a compressed model as a folder.
 
-    config.json         the model's own config (transformers), or RunConfig for lmembed runs
+    config.json         the model's own config (transformers; with a `quantization_config` naming
+                        lmembed), or RunConfig for lmembed runs
     model.safetensors   every tensor once: compressed tensors as stored (packed int codes,
                         fp16 scales, factors), shared tensors written a single time
-    lmembed.json        which modules are compressed, where they sit, their specs, the aliases
-                        of shared tensors, and the bytes of the stored embedding tensors
+    lmembed.json        the manifest: which modules are compressed, where they sit, their specs,
+                        the aliases of shared tensors, and the sha256 of every file written
     tokenizer files     when a tokenizer is given
 
-``load`` rebuilds the architecture from the config, installs empty compressed modules at the
-recorded paths (the same object at every path of a tied matrix) and loads the tensors strictly,
-so the logits are bit-identical to the model that was saved.
+Two layouts. *compressed*: ``load`` builds the architecture without allocating its parameters,
+installs empty compressed modules at the recorded paths (one object at every path of a tied
+matrix) and assigns the memory-mapped tensors, so the logits are bit-identical to the saved
+model's and nothing dense is ever allocated. Where the dense weights would sit, the file holds
+one-byte sentinels: a process without lmembed that loads the folder with plain transformers
+fails on their shape instead of initialising the embedding at random. *plain*: a model whose
+compression only changed the vocabulary (trim) is a standard transformers folder (lmembed.json
+adds the kept token ids), which plain ``from_pretrained`` loads with the same logits.
+
+A save is built in a sibling folder and switched in at once (lmembed.common.files.publish_dir):
+the old save or the new one, never half of one; a user's other files in the folder stay.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +33,20 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
-from ..common.files import atomic_write_with, prepare_out_dir, read_json, write_json
+from ..common.files import publish_dir, read_json, sha256_file, staging_dir, write_json
 from ..errors import LmembedError
-from .hf import compressed_modules, drop_hf_ties, set_module
-from .modules import CompressedEmbedding, CompressedHead, build_module
+from ..models.skeleton import assign_state, empty_parameters
+from .hf import compressed_modules, drop_hf_ties, find_sites, install, set_module
+from .modules import CompressedEmbedding, CompressedHead, DenseEmbedding, build_module
 
 MANIFEST, WEIGHTS = "lmembed.json", "model.safetensors"
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+QUANT_METHOD = "lmembed"  # config.json quantization_config.quant_method (lmembed.compression.hf_quantizer)
+# Names lmembed wrote in saves of format 1, which had no list of files.
+FORMAT1_FILES = {"config.json", "generation_config.json", WEIGHTS, MANIFEST, "report.json", "report.md",
+                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                 "merges.txt", "added_tokens.json", "chat_template.jinja"}
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -58,51 +75,118 @@ def _model_dtype(model: nn.Module) -> str:
     return "float32"
 
 
+# --- save -----------------------------------------------------------------------------------------
 def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, force: bool = False,
-         report: dict | None = None) -> Path:
-    """Write a (compressed) model folder; refuses a non-empty folder unless force."""
+         report: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a (compressed) model folder. A non-empty folder needs `force`, which replaces only
+    what lmembed wrote there, and only once the new folder is complete. `extra_files` (name ->
+    bytes, e.g. a report) are written, and checksummed, with it."""
+    from .plain import vocabulary_only
     from .trim import check_tokenizer
 
     check_tokenizer(model, tokenizer)  # a trimmed model with the original tokenizer would mis-map ids
-    out = prepare_out_dir(out, force=force)
+    out = Path(out)
+    old_files = _check_out(out, force)
     found = compressed_modules(model)
     if not found:
         raise LmembedError(f"{type(model).__name__} has no compressed embeddings to save (run lmembed.compress first)")
-    modules = []
-    for module, in_paths, head_paths in found.values():
-        modules.append({"spec": module.spec(), "input_paths": in_paths, "head_paths": head_paths,
-                        "stored_bytes": module.stored_bytes()})
-    unique, aliases = _dedupe(model.state_dict())
-    atomic_write_with(out / WEIGHTS, lambda tmp: save_file(unique, tmp, metadata={"format": "pt",
-                                                                                 "lmembed": str(FORMAT)}))
-    kind = _save_config(model, out)
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, out)
-    write_json(out / MANIFEST, {
-        "format": FORMAT, "lmembed_version": __version__, "model_kind": kind, "model_class": type(model).__name__,
-        "dtype": _model_dtype(model), "modules": modules, "aliases": aliases, "tensors": len(unique),
-        "embedding_bytes": sum(m["stored_bytes"] for m in modules), "report": report,
-    })
+    tmp = staging_dir(out)
+    try:
+        if vocabulary_only(model) and _transformers_config(model) is not None:
+            manifest = _write_plain(model, tmp)
+        else:
+            manifest = _write_compressed(model, tmp)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        manifest.update(report=report, files={f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                                              for f in sorted(tmp.iterdir()) if f.is_file()})
+        write_json(tmp / MANIFEST, manifest)
+        publish_dir(tmp, out, owned=old_files | {f.name for f in tmp.iterdir()})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
-def _save_config(model: nn.Module, out: Path) -> str:
+def _check_out(out: Path, force: bool) -> set[str]:
+    """The names lmembed wrote in an existing save at `out` (empty for a new folder); refuses a
+    non-empty folder without `force`."""
+    if out.exists() and not out.is_dir():
+        raise LmembedError(f"{out}: exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return set()
+    if not force:
+        raise LmembedError(f"{out}: directory is not empty; pass --force to replace the lmembed save in it")
+    try:
+        manifest = read_json(out / MANIFEST, "lmembed manifest")
+    except LmembedError:
+        return set()  # not an lmembed save: nothing in it is ours
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if isinstance(files, dict):
+        return {str(f) for f in files} | {MANIFEST}
+    return FORMAT1_FILES if isinstance(manifest, dict) and manifest.get("format") == 1 else set()
+
+
+def _transformers_config(model: nn.Module) -> Any:
     cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "save_pretrained"):
-        cfg.save_pretrained(out)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None and hasattr(gen, "save_pretrained"):
-            try:
-                gen.save_pretrained(out)
-            except Exception:  # noqa: BLE001 - an invalid generation config must not block saving weights
-                pass
-        return "transformers"
-    run_cfg = getattr(model, "run_config", None)
-    if run_cfg is None:
-        raise LmembedError(f"{type(model).__name__}: neither a transformers model (no .config) nor an lmembed LM "
-                           "(no .run_config); cannot save its architecture")
-    write_json(out / "config.json", run_cfg.to_dict())
-    return "lmembed"
+    return cfg if cfg is not None and hasattr(cfg, "save_pretrained") else None
+
+
+def _write_compressed(model: nn.Module, tmp: Path) -> dict[str, Any]:
+    found = compressed_modules(model)
+    modules = [{"spec": m.spec(), "input_paths": ins, "head_paths": heads, "stored_bytes": m.stored_bytes()}
+               for m, ins, heads in found.values()]
+    unique, aliases = _dedupe(model.state_dict())
+    kind = "transformers" if _transformers_config(model) is not None else "lmembed"
+    sentinels = sorted({f"{p}.weight" for m in modules for p in m["input_paths"] + m["head_paths"]} - set(unique))
+    if kind == "transformers":
+        unique.update({k: torch.zeros(1, dtype=torch.uint8) for k in sentinels})  # one byte each
+    save_file(unique, str(tmp / WEIGHTS), metadata={"format": "pt", "lmembed": str(FORMAT)})
+    manifest = {"format": FORMAT, "lmembed_version": __version__, "layout": "compressed", "model_kind": kind,
+                "model_class": type(model).__name__, "dtype": _model_dtype(model), "modules": modules,
+                "aliases": aliases, "sentinels": sentinels if kind == "transformers" else [],
+                "tensors": len(unique), "embedding_bytes": sum(m["stored_bytes"] for m in modules)}
+    _save_config(model, tmp, manifest)
+    return manifest
+
+
+def _write_plain(model: nn.Module, tmp: Path) -> dict[str, Any]:
+    """A trimmed-only model as a standard transformers folder, plus the kept ids in the manifest."""
+    from .plain import plain_modules
+
+    (module, _, _), *_ = compressed_modules(model).values()
+    with plain_modules(model) as plain:
+        plain.save_pretrained(tmp, safe_serialization=True)
+    return {"format": FORMAT, "lmembed_version": __version__, "layout": "plain", "model_kind": "transformers",
+            "model_class": type(model).__name__, "dtype": _model_dtype(model),
+            "vocab": {"kept": module.kept.long().tolist(), "original_vocab": module.original_vocab},
+            "modules": [], "embedding_bytes": module.stored_bytes()}
+
+
+def _save_config(model: nn.Module, tmp: Path, manifest: dict[str, Any]) -> None:
+    cfg = _transformers_config(model)
+    if cfg is None:
+        run_cfg = getattr(model, "run_config", None)
+        if run_cfg is None:
+            raise LmembedError(f"{type(model).__name__}: neither a transformers model (no .config) nor an lmembed LM "
+                               "(no .run_config); cannot save its architecture")
+        write_json(tmp / "config.json", run_cfg.to_dict())
+        return
+    cfg.save_pretrained(tmp)
+    saved = read_json(tmp / "config.json", "model config")
+    saved["architectures"] = saved.get("architectures") or [type(model).__name__]  # what AutoModel* builds
+    saved.setdefault("dtype", manifest["dtype"])  # else from_pretrained guesses it from a tensor (fp16 scales)
+    saved["quantization_config"] = {"quant_method": QUANT_METHOD, "format": FORMAT, "modules": manifest["modules"],
+                                    "aliases": manifest["aliases"], "sentinels": manifest["sentinels"]}
+    write_json(tmp / "config.json", saved)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "save_pretrained"):
+        try:
+            gen.save_pretrained(tmp)
+        except Exception:  # noqa: BLE001 - an invalid generation config must not block saving weights
+            pass
 
 
 def _save_tokenizer(tokenizer: Any, out: Path) -> None:
@@ -114,19 +198,49 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
         save_tokenizer(tokenizer, out / "tokenizer.json")
 
 
-def _build(manifest: dict, folder: Path) -> nn.Module:
+# --- load -----------------------------------------------------------------------------------------
+def read_manifest(folder: Path) -> dict[str, Any]:
+    manifest = read_json(folder / MANIFEST, f"lmembed manifest (is {folder} a folder written by lmembed.save?)")
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS or not isinstance(
+            manifest.get("modules"), list):
+        raise LmembedError(f"{folder / MANIFEST}: not an lmembed manifest of format {FORMAT}")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is there with the recorded sha256 (format 2 and later)."""
+    for name, rec in (manifest.get("files") or {}).items():
+        path = folder / str(name)
+        if not path.is_file():
+            raise LmembedError(f"{path}: missing (the lmembed manifest lists it)")
+        if path.stat().st_size != rec["bytes"]:
+            raise LmembedError(f"{path}: corrupt or truncated {path.suffix.lstrip('.') or 'file'} file "
+                               f"({path.stat().st_size} bytes; lmembed wrote {rec['bytes']})")
+        if sha256_file(path) != rec["sha256"]:
+            raise LmembedError(f"{path}: checksum mismatch (the file changed after lmembed wrote it)")
+
+
+def _config_class(folder: Path, manifest: dict) -> tuple[type, Any]:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    arch = (getattr(config, "architectures", None) or [manifest.get("model_class")])[0]
+    cls = getattr(transformers, arch or "", None)
+    if cls is None:
+        raise LmembedError(f"{folder / 'config.json'}: unknown model class {arch!r} for this transformers version")
+    return cls, config
+
+
+def _skeleton(manifest: dict, folder: Path) -> nn.Module:
+    """The architecture with parameters on the meta device (lmembed.models.skeleton)."""
     kind = manifest.get("model_kind")
     if kind == "transformers":
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(folder)
-        arch = (getattr(config, "architectures", None) or [manifest.get("model_class")])[0]
-        cls = getattr(transformers, arch or "", None)
-        if cls is None:
-            raise LmembedError(f"{folder / 'config.json'}: unknown model class {arch!r} for this transformers version")
-        model = cls(config)
-        gen_path = folder / "generation_config.json"
-        if gen_path.exists() and hasattr(model, "generation_config"):
+        cls, config = _config_class(folder, manifest)
+        with empty_parameters():
+            model = cls(config)
+        if (folder / "generation_config.json").exists() and hasattr(model, "generation_config"):
             model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
         return model
     if kind == "lmembed":
@@ -135,53 +249,84 @@ def _build(manifest: dict, folder: Path) -> nn.Module:
         from ..models import build_model
 
         cfg = RunConfig.from_dict(read_json(folder / "config.json", "run config"), str(folder / "config.json"))
-        model = build_model(cfg, load_tokenizer(folder / "tokenizer.json").vocab_size)
+        with empty_parameters():
+            model = build_model(cfg, load_tokenizer(folder / "tokenizer.json").vocab_size)
         model.run_config = cfg
         return model
     raise LmembedError(f"{folder / MANIFEST}: model_kind {kind!r} is not 'transformers' or 'lmembed'")
 
 
-def load(folder: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The saved model, rebuilt and loaded strictly (eval mode)."""
-    folder = Path(folder)
-    manifest = read_json(folder / MANIFEST, f"lmembed manifest (is {folder} a folder written by lmembed.save?)")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
-            manifest.get("modules"), list):
-        raise LmembedError(f"{folder / MANIFEST}: not an lmembed manifest of format {FORMAT}")
-    model = _build(manifest, folder)
-    model.to(getattr(torch, manifest.get("dtype", "float32")))
+def install_saved_modules(model: nn.Module, entries: list[dict], where: str) -> None:
+    """Empty compressed modules at the recorded paths: one object per matrix, at all its paths."""
     replaced = []
-    for i, entry in enumerate(manifest["modules"]):
+    for i, entry in enumerate(entries):
         try:
             spec, in_paths, head_paths = entry["spec"], entry["input_paths"], entry["head_paths"]
-            module = build_module(spec)
+            with empty_parameters():
+                module = build_module(spec)
             for p in in_paths:
                 set_module(model, p, module)
             for p in head_paths:
                 old = model.get_submodule(p)
                 set_module(model, p, CompressedHead(module, getattr(old, "bias", None)))
         except LmembedError as e:
-            raise LmembedError(f"{folder / MANIFEST}: module entry {i}: {e}") from None
+            raise LmembedError(f"{where}: module entry {i}: {e}") from None
         except (KeyError, AttributeError, TypeError) as e:
-            raise LmembedError(f"{folder / MANIFEST}: module entry {i} does not fit this model "
-                               f"({type(e).__name__}: {e})") from None
+            raise LmembedError(f"{where}: module entry {i} does not fit this model ({type(e).__name__}: {e})") from None
         replaced += in_paths + head_paths
     drop_hf_ties(model, replaced)
-    state = _read_tensors(folder / WEIGHTS)
-    aliases = manifest.get("aliases") or {}
-    for k, src in aliases.items():
+
+
+def compressed_state(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """The saved tensors (memory-mapped, copy-on-write), aliases filled in, sentinels left out."""
+    state = _read_tensors(path)
+    for k in manifest.get("sentinels") or []:
+        state.pop(k, None)
+    for k, src in (manifest.get("aliases") or {}).items():
         if src not in state:
-            raise LmembedError(f"{folder / MANIFEST}: alias {k!r} points at {src!r}, which is not in {WEIGHTS}")
+            raise LmembedError(f"{path.parent / MANIFEST}: alias {k!r} points at {src!r}, which is not in {path.name}")
         state[k] = state[src]
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:240]
-        raise LmembedError(f"{folder / MANIFEST} does not match the tensors in {WEIGHTS}: {detail}") from None
-    if missing or unexpected:
-        raise LmembedError(f"{folder / MANIFEST} does not match the tensors in {WEIGHTS}: missing "
-                           f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+    return state
+
+
+def load(folder: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """The saved model, rebuilt and loaded strictly (eval mode)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    if manifest.get("layout") == "plain":
+        return _load_plain(folder, manifest).to(device).eval()
+    model = _skeleton(manifest, folder)
+    model.to(getattr(torch, manifest.get("dtype", "float32")))
+    install_saved_modules(model, manifest["modules"], str(folder / MANIFEST))
+    state = compressed_state(folder / WEIGHTS, manifest)
+    assign_state(model, state, f"{folder / MANIFEST} does not match the tensors in {WEIGHTS}")
+    if hasattr(model, "tie_weights") and manifest.get("model_kind") == "transformers":
+        model.tie_weights()  # ties among the uncompressed parameters (the compressed ones are one object)
     return model.to(device).eval()
+
+
+def _load_plain(folder: Path, manifest: dict) -> nn.Module:
+    """A standard transformers folder; the trimmed matrix goes back into a TrimmedEmbedding that
+    shares its Parameter, so the model is the one that was saved (kept ids included)."""
+    from .trim import TrimmedEmbedding
+
+    cls, _ = _config_class(folder, manifest)
+    model = cls.from_pretrained(folder, dtype=getattr(torch, manifest.get("dtype", "float32")),
+                                trust_remote_code=False)
+    vocab = manifest.get("vocab") or {}
+    sites = find_sites(model)
+    kept = torch.tensor(vocab.get("kept", []), dtype=torch.long)
+    if kept.shape != (sites.input_weight.shape[0],):
+        raise LmembedError(f"{folder / MANIFEST}: {len(kept)} kept ids for a vocabulary of "
+                           f"{sites.input_weight.shape[0]} rows")
+    tied = sites.tied
+    inp = TrimmedEmbedding(DenseEmbedding.wrap(sites.input_module.weight), kept, int(vocab["original_vocab"]))
+    out = inp if tied or sites.output_module is None else TrimmedEmbedding(
+        DenseEmbedding.wrap(sites.output_weight), kept, int(vocab["original_vocab"]))
+    install(model, sites, "both" if sites.output_module is not None else "input", inp,
+            out if sites.output_module is not None else None)
+    return model
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -193,3 +338,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         detail = " ".join(str(e).split())[:160]
         raise LmembedError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {detail})") from None
+
+
+__all__ = ["save", "load", "read_manifest", "verify_files", "MANIFEST", "WEIGHTS", "FORMAT"]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmembedError
+from .kernels import packed_logits
 
 # Rows dequantised at a time when computing logits: bounds the temporary to chunk x d floats.
 LOGIT_CHUNK = 8192
@@ -93,6 +94,14 @@ class DenseEmbedding(CompressedEmbedding):
     def __init__(self, weight: torch.Tensor, *, scale: float = 1.0):
         super().__init__(weight.shape[0], weight.shape[1], scale=scale)
         self.weight = nn.Parameter(weight.detach().clone())
+
+    @classmethod
+    def wrap(cls, weight: nn.Parameter, *, scale: float = 1.0) -> DenseEmbedding:
+        """A module around an existing Parameter (shared, not copied)."""
+        module = cls(weight.new_empty(0, weight.shape[1]), scale=scale)
+        module.num_embeddings = int(weight.shape[0])
+        module.weight = weight
+        return module
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> DenseEmbedding:
@@ -256,6 +265,13 @@ class QuantizedEmbedding(CompressedEmbedding):
         return self._rows(self.packed[ids], self.scales[ids], torch.float32)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Few hidden states (decoding): the packed-code kernel reads each row's codes once;
+        many (a prompt): chunks of rows dequantised for a BLAS matmul."""
+        flat = h.reshape(-1, self.embedding_dim)
+        shift = (0.5 if self.grid == "half" else 0.0) - (1 << (self.bits - 1))
+        fast = packed_logits(self.packed, self.scales, flat, bits=self.bits, group=self.group_size, shift=shift)
+        if fast is not None:
+            return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
         out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
         for s in range(0, self.num_embeddings, LOGIT_CHUNK):
             w = self._rows(self.packed[s : s + LOGIT_CHUNK], self.scales[s : s + LOGIT_CHUNK], h.dtype)

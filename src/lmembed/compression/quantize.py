@@ -27,7 +27,19 @@ def width_variant(base: type[Method], cls_name: str, name: str, bits: int, summa
                                              "__module__": base.__module__, "__qualname__": cls_name}))
 
 
-class RTN(Method):
+class RowQuantizer(Method):
+    """A method that quantises the rows of a matrix: after a factorisation it quantises the codes
+    (the V x k part that holds the bytes) and keeps the decoder."""
+
+    def apply(self, module: CompressedEmbedding, ctx: FitContext) -> CompressedEmbedding:
+        if isinstance(module, FactorizedEmbedding) and isinstance(module.codes, DenseEmbedding):
+            codes = self.fit(module.codes.weight.detach(), ctx)
+            return FactorizedEmbedding(codes, module.decoder.detach(),
+                                       module.bias.detach() if module.bias is not None else None)
+        return super().apply(module, ctx)
+
+
+class RTN(RowQuantizer):
     """Symmetric per-row (default) or per-group scales in fp16; `intB:gG` sets the group size."""
 
     bits = 8
@@ -41,14 +53,6 @@ class RTN(Method):
         self.check(*weight.shape)
         return quantize_rows(weight.detach().float().cpu(), self.bits, self.group or weight.shape[1], self.grid,
                              self.clip)
-
-    def apply(self, module: CompressedEmbedding, ctx: FitContext) -> CompressedEmbedding:
-        """After a factorisation, quantise its codes (the V x k part that holds the bytes)."""
-        if isinstance(module, FactorizedEmbedding) and isinstance(module.codes, DenseEmbedding):
-            codes = self.fit(module.codes.weight.detach(), ctx)
-            return FactorizedEmbedding(codes, module.decoder.detach(),
-                                       module.bias.detach() if module.bias is not None else None)
-        return super().apply(module, ctx)
 
 
 Int8, Int4, Int3, Int2 = (

@@ -1,0 +1,216 @@
+"""Compressed models at run time: memory after and during load, forward and greedy-generate speed,
+dense vs compressed, in one run (ratios against the dense model measured alongside).
+
+    python benchmarks/runtime.py --out runs/runtime                    # SmolLM2 and MiniLM, 4 methods
+    python benchmarks/runtime.py --models smollm2 --methods int4:g32 --out runs/rt --bf16 --compile
+
+Every variant runs in a fresh process (one at a time, so they never compete for the cores):
+RSS right after loading, the peak RSS of the process up to then (load included), and RSS after
+a 1 x TOKENS forward and a greedy generate of GENERATE tokens (every weight touched). The dense
+model is transformers' own from_pretrained of the fp32 folder; compressed ones are lmembed.load
+of a save written first (calibrated methods calibrate on --calib). `lmembed compress`'s own
+peak is measured the same way: the RSS it adds over the loaded dense model, against the bytes
+of one fp32 copy of the matrix. Writes runtime.json and runtime.md in --out.
+
+Targets (issue: compressed models that deploy): RSS <= dense - (dense embedding bytes - stored
+embedding bytes) + 5 %, peak during load <= 1.15 x final RSS, generate >= 0.9 x dense tokens/s
+for int8 and int4:g32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_METHODS = "int8,int4:g32,mixed:4.5:g64:grid=half,wsvd:432"
+PROMPT = ("The history of the city begins with a small settlement on the river, where traders from the north met "
+          "farmers from the valley. Over the centuries it grew into a market town, then an industrial centre, and "
+          "today it is known for its universities, its museums and its long tradition of music. ") * 8
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS so far) of this process in MiB."""
+    status = Path("/proc/self/status").read_text()
+    field = {line.split(":")[0]: line.split()[1] for line in status.splitlines() if line.startswith("Vm")}
+    return int(field["VmRSS"]) / 1024, int(field["VmHWM"]) / 1024
+
+
+def worker(spec: dict) -> dict:
+    """Load one variant and time it (runs in its own process)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    import lmembed  # noqa: F401 - registers the transformers quantizer, as users import it
+
+    base_rss, _ = rss_mb()
+    t0 = time.perf_counter()
+    if spec["folder_kind"] == "dense":
+        cls = AutoModelForCausalLM if spec["causal"] else AutoModel
+        model = cls.from_pretrained(spec["folder"], dtype=torch.float32).eval()
+    else:
+        model = lmembed.load(spec["folder"])
+    if spec.get("bf16"):
+        model = model.to(torch.bfloat16)
+    load_s = time.perf_counter() - t0
+    rss_load, peak_load = rss_mb()
+    tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"][:, : spec["tokens"]]
+    step = torch.compile(model) if spec.get("compile") else model
+    res = {"load_s": load_s, "rss_base": base_rss, "rss_load": rss_load, "peak_load": peak_load}
+    with torch.no_grad():
+        step(input_ids=ids)  # warm-up (and compilation)
+        fwd = min(_time(lambda: step(input_ids=ids)) for _ in range(spec["repeats"]))
+        res["forward_tok_s"] = ids.shape[1] / fwd
+        if spec["causal"] and spec["generate"]:
+            prompt = ids[:, :32]
+            kw = {"max_new_tokens": spec["generate"], "min_new_tokens": spec["generate"], "do_sample": False,
+                  "pad_token_id": tok.eos_token_id}
+            model.generate(prompt, **kw)
+            gen = min(_time(lambda: model.generate(prompt, **kw)) for _ in range(spec["repeats"]))
+            res["generate_tok_s"] = spec["generate"] / gen
+    res["rss_run"], res["peak_run"] = rss_mb()
+    return res
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def compress_worker(spec: dict) -> dict:
+    """`lmembed compress` in a fresh process: the RSS it adds over the loaded dense model."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import lmembed
+    from lmembed.models.pretrained import load_pretrained
+
+    model, tok = load_pretrained(spec["model"])
+    matrix = model.get_input_embeddings().weight
+    matrix_mb = matrix.numel() * matrix.element_size() / 2**20
+    before, _ = rss_mb()
+    t0 = time.perf_counter()
+    rep = lmembed.compress(model, spec["method"], tokenizer=tok, calib=spec.get("calib"),
+                           calib_tokens=spec.get("calib_tokens"), seed=spec["seed"])
+    seconds = time.perf_counter() - t0
+    _, peak = rss_mb()
+    rep.pop("tokenizer", None)
+    lmembed.save(model, spec["out"], tokenizer=tok, force=True, report=rep)
+    return {"matrix_mb": matrix_mb, "rss_before_mb": before, "peak_mb": peak, "extra_peak_mb": peak - before,
+            "extra_in_matrices": (peak - before) / matrix_mb, "seconds": seconds, "stored_bytes": rep["stored_bytes"],
+            "dense_embedding_bytes": rep["dense_fp32_bytes"]}
+
+
+def run_child(kind: str, spec: dict) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    out = subprocess.run([sys.executable, __file__, f"--{kind}", json.dumps(spec)], capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} {spec.get('name')}: failed\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_model(name: str, methods: list[str], args: argparse.Namespace) -> list[dict]:
+    from lmembed.evaluation.pretrained import model_kind
+    from lmembed.models.pretrained import load_pretrained, resolve_model
+
+    folder, _ = resolve_model(name)
+    model, _ = load_pretrained(name)
+    causal, d = model_kind(model) == "causal", model.get_input_embeddings().weight.shape[1]
+    del model
+    common = {"threads": args.threads, "tokens": args.tokens, "generate": args.generate, "repeats": args.repeats,
+              "causal": causal, "tokenizer": folder}
+    variants = [{"name": "dense", "folder_kind": "dense", "folder": folder, **common}]
+    if args.bf16:
+        variants.append({**variants[0], "name": "dense bf16", "bf16": True})
+    if args.compile:
+        variants.append({**variants[0], "name": "dense compiled", "compile": True})
+    rows = []
+    for method in methods:
+        save = Path(args.out) / "saves" / f"{name}-{method.replace(':', '_').replace('>', '_').replace(' ', '')}"
+        calibrated = method.split(":")[0] in ("wsvd", "wae", "mixed", "kl") or method.startswith("gptq")
+        comp = run_child("compress-worker", {"model": name, "method": method, "out": str(save), "seed": args.seed,
+                                             "threads": args.threads, "calib": args.calib if calibrated else None,
+                                             "calib_tokens": args.calib_tokens if calibrated else None})
+        rows.append({"model": name, "variant": method, "compress": comp})
+        variants.append({"name": method, "folder_kind": "lmembed", "folder": str(save), **common})
+        if args.bf16:
+            variants.append({**variants[-1], "name": f"{method} bf16", "bf16": True})
+        if args.compile and method in ("int8", "int4:g32"):
+            variants.append({**variants[-1], "name": f"{method} compiled", "compile": True, "bf16": False})
+    results = {v["name"]: run_child("worker", v) for v in variants}
+    return [_row(name, v, results, rows, d) for v in results]
+
+
+def _row(model: str, variant: str, results: dict, comp_rows: list[dict], d: int) -> dict:
+    r, dense = results[variant], results["dense"]
+    comp = next((c["compress"] for c in comp_rows if c["variant"] == variant.split(" ")[0]), None)
+    row = {"model": model, "variant": variant, **r,
+           "rss_ratio": r["rss_run"] / dense["rss_run"], "peak_over_final": r["peak_load"] / r["rss_load"],
+           "forward_ratio": r["forward_tok_s"] / dense["forward_tok_s"]}
+    if "generate_tok_s" in r:
+        row["generate_ratio"] = r["generate_tok_s"] / dense["generate_tok_s"]
+    if comp is not None:
+        saved_mb = (comp["dense_embedding_bytes"] - comp["stored_bytes"]) / 2**20
+        row["rss_target_mb"] = (dense["rss_run"] - saved_mb) * 1.05
+        row["rss_meets_target"] = r["rss_run"] <= row["rss_target_mb"]
+        row["compress_extra_in_matrices"] = comp["extra_in_matrices"]
+        row["compress_seconds"] = comp["seconds"]
+    return row
+
+
+def write_report(rows: list[dict], out: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from lmembed.common.files import write_json
+    from lmembed.common.report import markdown_table, write_text
+
+    write_json(out / "runtime.json", {"rows": rows})
+    cols = [("model", "model"), ("variant", "variant"), ("rss_load", "RSS after load MiB"),
+            ("peak_load", "peak during load MiB"), ("rss_run", "RSS running MiB"), ("rss_target_mb", "target MiB"),
+            ("rss_ratio", "RSS vs dense"), ("peak_over_final", "peak / load RSS"),
+            ("forward_tok_s", "forward tok/s"), ("forward_ratio", "forward vs dense"),
+            ("generate_tok_s", "generate tok/s"), ("generate_ratio", "generate vs dense"),
+            ("compress_extra_in_matrices", "compress peak extra (matrices)")]
+    table = markdown_table(rows, cols)
+    write_text(out / "runtime.md", "# Compressed models at run time\n\n" + __doc__.split("\n\n")[2] + "\n\n" + table)
+    print(table)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/runtime")
+    ap.add_argument("--models", default="smollm2,minilm")
+    ap.add_argument("--methods", default=DEFAULT_METHODS)
+    ap.add_argument("--calib", default="lee:train", help="calibration text of the calibrated methods")
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=512, help="forward pass length")
+    ap.add_argument("--generate", type=int, default=64, help="greedy tokens generated")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="also run every variant in bfloat16")
+    ap.add_argument("--compile", action="store_true", help="also run dense, int8 and int4:g32 under torch.compile")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--compress-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker or args.compress_worker:
+        fn, spec = (worker, args.worker) if args.worker else (compress_worker, args.compress_worker)
+        print(json.dumps(fn(json.loads(spec))))
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = [r for name in args.models.split(",") for r in bench_model(name.strip(), methods, args)]
+    write_report(rows, out)
+
+
+if __name__ == "__main__":
+    main()

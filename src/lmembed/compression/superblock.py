@@ -1,0 +1,327 @@
+"""Super-block asymmetric quantisation: `kqB[:gG]` (B = 2..8 bits per code, G columns per group).
+
+Each row of the V x d matrix is cut into groups of G columns. A group is coded asymmetrically,
+
+    x ~ s_g * q - m_g,    q in [0, 2**B - 1],  s_g >= 0,  m_g >= 0  (the group's offset is -m_g <= 0),
+
+and its two parameters are not stored as floats: the whole row is one super-block with an fp16
+super-scale D and super-min M, and every group keeps a 6-bit sub-scale a_g and a 6-bit sub-min b_g:
+
+    s_g = D * a_g,    m_g = M * b_g,    a_g, b_g in [0, 63].
+
+Fitting, all vectorised over a chunk of rows at once:
+
+1. per group, a grid search over candidate scales (nmax + t) / range with t spread over [-1, 1]:
+   codes are rounded for each candidate, then (s, m) refit by least squares given the codes
+   (with the offset held <= 0); the candidate with the lowest squared error wins, then a few
+   rounds of re-rounding the codes and refitting (s, m) (each kept only where it helps);
+2. per row, D = max s_g / 63 and M = max m_g / 63 in fp16, sub-parameters rounded against them;
+3. a few rounds of a per-row least-squares refit of (D, M) given the codes and sub-parameters,
+   with the sub-parameters either kept or re-rounded against the new (D, M); codes are always
+   re-rounded against the *stored* parameters and a row's state only changes when its error drops.
+
+Stored tensors (what ``stored_bytes`` counts):
+
+- ``codes``  V x ceil(d*B/8) uint8: the codes, bit-packed per row (``pack_bits``);
+- ``subs``   V x ceil(2*ceil(d/G)*6/8) uint8: a row's sub-scales then its sub-mins, 6 bits each;
+- ``supers`` V x 2 fp16: the row's super-scale and super-min.
+
+So a row takes ceil(d*B/8) + ceil(12*ceil(d/G)/8) + 4 bytes: B + 12/G + 32/d bits per value when G
+divides d and the packed rows fill whole bytes (d*B and 12*d/G multiples of 8). When G does not
+divide d the last group is shorter: it is fitted as if padded with copies of the row's last value,
+and only the d real codes are stored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LmembedError
+from .kernels import KERNEL_MAX_ROWS, packed_logits
+from .modules import (
+    LOGIT_CHUNK,
+    CompressedEmbedding,
+    pack_bits,
+    register_module,
+    unpack_bits,
+)
+from .quantize import RowQuantizer, check_group, width_variant
+from .registry import Arg, FitContext, group_size, non_negative_int
+
+SUB_BITS = 6  # bits of a group's sub-scale and of its sub-min
+SUB_MAX = (1 << SUB_BITS) - 1
+BITS_RANGE = (2, 8)
+FP16_MAX = float(torch.finfo(torch.float16).max)
+FIT_ROWS = 2048  # rows fitted at a time: bounds the temporaries to a few chunk x d float tensors
+
+
+def row_bytes(dim: int, bits: int, group: int) -> int:
+    """Stored bytes of one row: packed codes + packed sub-parameters + two fp16 super-parameters."""
+    return math.ceil(dim * bits / 8) + math.ceil(2 * SUB_BITS * math.ceil(dim / group) / 8) + 4
+
+
+def bits_per_value(dim: int, bits: int, group: int) -> float:
+    """Exact stored bits per matrix value (B + 12/G + 32/d when nothing is padded)."""
+    return row_bytes(dim, bits, group) * 8 / dim
+
+
+@register_module
+class SuperBlockEmbedding(CompressedEmbedding):
+    """Asymmetric B-bit codes in groups of G columns; a group's scale and min are 6-bit multiples of
+    its row's fp16 super-scale and super-min: x = (D * a_g) * q - (M * b_g)."""
+
+    kind = "superblock"
+
+    def __init__(self, codes: torch.Tensor, subs: torch.Tensor, supers: torch.Tensor, *, bits: int,
+                 group_size: int, embedding_dim: int, scale: float = 1.0):
+        super().__init__(codes.shape[0], embedding_dim, scale=scale)
+        self.bits, self.group_size = int(bits), int(group_size)
+        self.groups = math.ceil(self.embedding_dim / self.group_size)
+        self.register_buffer("codes", codes)
+        self.register_buffer("subs", subs)
+        self.register_buffer("supers", supers)
+
+    @classmethod
+    def empty(cls, spec: dict[str, Any]) -> SuperBlockEmbedding:
+        v, d, bits, g = spec["num_embeddings"], spec["embedding_dim"], spec["bits"], spec["group_size"]
+        if spec.get("sub_bits", SUB_BITS) != SUB_BITS:
+            raise ValueError(f"sub_bits {spec['sub_bits']} is not {SUB_BITS}")
+        if not BITS_RANGE[0] <= bits <= BITS_RANGE[1] or not 1 <= g:
+            raise ValueError(f"bits {bits} or group_size {g} out of range")
+        n_groups = math.ceil(d / g)
+        return cls(torch.zeros(v, math.ceil(d * bits / 8), dtype=torch.uint8),
+                   torch.zeros(v, math.ceil(2 * SUB_BITS * n_groups / 8), dtype=torch.uint8),
+                   torch.zeros(v, 2, dtype=torch.float16),
+                   bits=bits, group_size=g, embedding_dim=d, scale=spec["scale"])
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "bits": self.bits, "group_size": self.group_size, "sub_bits": SUB_BITS}
+
+    def _group_params(self, subs: torch.Tensor, supers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, min) of every group of the given rows, float32 (rows x groups)."""
+        sub = unpack_bits(subs, SUB_BITS, 2 * self.groups).float()
+        sup = supers.float()
+        return sup[:, :1] * sub[:, : self.groups], sup[:, 1:] * sub[:, self.groups :]
+
+    def _rows(self, codes: torch.Tensor, subs: torch.Tensor, supers: torch.Tensor) -> torch.Tensor:
+        """Dequantised float32 rows from their stored parts."""
+        n, d, g, groups = codes.shape[0], self.embedding_dim, self.group_size, self.groups
+        q = unpack_bits(codes, self.bits, d).float()
+        q = F.pad(q, (0, groups * g - d)).view(n, groups, g)
+        s, m = self._group_params(subs, supers)
+        return (s.unsqueeze(-1) * q - m.unsqueeze(-1)).view(n, groups * g)[:, :d]
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(self.codes[ids], self.subs[ids], self.supers[ids])
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Few hidden states: the packed-code kernel (lmembed.compression.kernels); many: chunks
+        of dequantised rows for a BLAS matmul."""
+        flat = h.reshape(-1, self.embedding_dim)
+        s, m = self._group_params(self.subs, self.supers) if flat.shape[0] <= KERNEL_MAX_ROWS else (None, None)
+        fast = packed_logits(self.codes, s, flat, bits=self.bits, group=self.group_size, offsets=-m) \
+            if s is not None else None
+        if fast is not None:
+            return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
+        out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
+        for s0 in range(0, self.num_embeddings, LOGIT_CHUNK):
+            e = slice(s0, s0 + LOGIT_CHUNK)
+            w = self._rows(self.codes[e], self.subs[e], self.supers[e]).to(h.dtype)
+            out[..., s0 : s0 + w.shape[0]] = h @ w.t()
+        return out
+
+
+# --- fitting -------------------------------------------------------------------------------------
+def _inv(s: torch.Tensor) -> torch.Tensor:
+    """1/s where s > 0, else 0 (a zero scale codes everything as 0)."""
+    return torch.where(s > 0, 1.0 / torch.where(s > 0, s, 1.0), 0.0)
+
+
+def _codes(x: torch.Tensor, s: torch.Tensor, m: torch.Tensor, nmax: int) -> torch.Tensor:
+    """Nearest codes of x for x ~ s*q - m (s, m broadcast over the last dim)."""
+    return ((x + m) * _inv(s)).round_().clamp_(0, nmax)
+
+
+def _sq_err(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Squared error of s*q - m against x, summed over the last dim (keepdim)."""
+    e = q * s
+    e -= m
+    e -= x
+    return e.square_().sum(-1, keepdim=True)
+
+
+def _lsq_group(x: torch.Tensor, q: torch.Tensor, sx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group (last dim): argmin over s >= 0, m >= 0 of sum (s*q - m - x)^2 given the codes q."""
+    n = x.shape[-1]
+    sq = q.sum(-1, keepdim=True).double()
+    sqq = (q * q).sum(-1, keepdim=True).double()
+    sqx = (q * x).sum(-1, keepdim=True).double()
+    sxd = sx.double()
+    det = n * sqq - sq * sq  # 0 only when every code of the group is the same
+    ok = det > 0
+    safe = torch.where(ok, det, 1.0)
+    s = torch.where(ok, (n * sqx - sq * sxd) / safe, 0.0)
+    off = torch.where(ok, (sqq * sxd - sq * sqx) / safe, sxd / n)  # x ~ s*q + off
+    # the offset must be <= 0 (it is stored as a non-negative sub-min): else fit the scale alone
+    pos = off > 0
+    s = torch.where(pos, sqx / sqq.clamp_min(1e-300), s).clamp_min(0)
+    off = off.clamp_max(0)
+    return s.float(), (-off).float()
+
+
+def _candidates(search: int) -> list[float]:
+    if search <= 0:
+        return []
+    if search == 1:
+        return [0.0]
+    return [-1.0 + 2.0 * i / (search - 1) for i in range(search)]
+
+
+def fit_groups(x: torch.Tensor, bits: int, search: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., g) -> per-group (s, m) (..., 1), unrounded, for x ~ s*q - m with m >= 0."""
+    nmax = (1 << bits) - 1
+    lo = x.amin(-1, keepdim=True).clamp_max(0)
+    rng = x.amax(-1, keepdim=True) - lo
+    sx = x.sum(-1, keepdim=True)
+    best_s, best_m = rng / nmax, -lo
+    best_e = _sq_err(x, _codes(x, best_s, best_m, nmax), best_s, best_m)
+    xs = x - lo
+    inv_rng = _inv(rng)
+
+    def keep(s: torch.Tensor, m: torch.Tensor, e: torch.Tensor) -> None:
+        nonlocal best_s, best_m, best_e
+        better = e < best_e
+        best_s, best_m, best_e = (torch.where(better, s, best_s), torch.where(better, m, best_m),
+                                  torch.where(better, e, best_e))
+
+    for t in _candidates(search):
+        q = (xs * ((nmax + t) * inv_rng)).round_().clamp_(0, nmax)
+        s, m = _lsq_group(x, q, sx)
+        keep(s, m, _sq_err(x, q, s, m))
+    for _ in range(iters):
+        q = _codes(x, best_s, best_m, nmax)
+        s, m = _lsq_group(x, q, sx)
+        keep(s, m, _sq_err(x, q, s, m))
+    return best_s, best_m
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest fp16 value (kept as float32), clamped to [0, fp16 max]."""
+    return t.clamp(0, FP16_MAX).half().float()
+
+
+def _sub(p: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
+    """Sub-parameters: p / super rounded to [0, 63] (0 where the super-parameter is 0)."""
+    return (p * _inv(sup)).round_().clamp_(0, SUB_MAX)
+
+
+def fit_superblock_rows(x: torch.Tensor, bits: int, group: int, search: int = 21, iters: int = 4,
+                        refit: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantise rows x (R x d): (codes R x d uint8, sub-scales R x G, sub-mins R x G (uint8),
+    super R x 2 fp16 [scale, min])."""
+    r, d = x.shape
+    nmax = (1 << bits) - 1
+    groups = math.ceil(d / group)
+    pad = groups * group - d
+    if pad:  # the short last group is fitted as if padded with the row's last value
+        x = torch.cat([x, x[:, -1:].expand(r, pad)], 1)
+    x = x.reshape(r, groups, group)
+    s, m = fit_groups(x, bits, search, iters)
+    s, m = s.squeeze(-1), m.squeeze(-1)  # R x G, both >= 0
+    sx = x.sum(-1)
+
+    def state_err(ds: torch.Tensor, dm: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        sg, mg = (ds * a).unsqueeze(-1), (dm * b).unsqueeze(-1)
+        q = _codes(x, sg, mg, nmax)
+        return q, _sq_err(x, q, sg, mg).sum(1)  # R x 1
+
+    ds = _fp16(s.amax(1, keepdim=True) / SUB_MAX)
+    dm = _fp16(m.amax(1, keepdim=True) / SUB_MAX)
+    a, b = _sub(s, ds), _sub(m, dm)
+    q, err = state_err(ds, dm, a, b)
+    for _ in range(refit):
+        # per row: x ~ ds * (a_g q) - dm * b_g, least squares in (ds, dm) given the codes
+        aq = a.unsqueeze(-1) * q
+        saa = aq.square().sum((1, 2)).double()
+        sab = (aq.sum(-1) * b).sum(1).double()
+        sbb = (b.square() * group).sum(1).double()
+        sax = (aq * x).sum((1, 2)).double()
+        sbx = (b * sx).sum(1).double()
+        det = saa * sbb - sab * sab
+        ok = det > 1e-12 * saa * sbb
+        safe = torch.where(ok, det, 1.0)
+        dm_old = dm.squeeze(1).double()
+        new_ds = torch.where(ok, (sbb * sax - sab * sbx) / safe, (sax + dm_old * sab) / saa.clamp_min(1e-300))
+        new_dm = torch.where(ok, (sab * sax - saa * sbx) / safe, dm_old)
+        new_ds, new_dm = _fp16(new_ds.float().unsqueeze(1)), _fp16(new_dm.float().unsqueeze(1))
+        # sub-parameters: kept, re-rounded from the group fits, or from a refit of the groups to the
+        # current codes (each candidate state is kept only for the rows whose error it lowers)
+        gs, gm = _lsq_group(x, q, sx.unsqueeze(-1))
+        for na, nb in ((a, b), (_sub(s, new_ds), _sub(m, new_dm)),
+                       (_sub(gs.squeeze(-1), new_ds), _sub(gm.squeeze(-1), new_dm))):
+            nq, nerr = state_err(new_ds, new_dm, na, nb)
+            better = nerr < err
+            ds, dm = torch.where(better, new_ds, ds), torch.where(better, new_dm, dm)
+            a, b = torch.where(better, na, a), torch.where(better, nb, b)
+            q, err = torch.where(better.unsqueeze(-1), nq, q), torch.where(better, nerr, err)
+    codes = q.reshape(r, groups * group)[:, :d].to(torch.uint8)
+    return codes, a.to(torch.uint8), b.to(torch.uint8), torch.cat([ds, dm], 1).half()
+
+
+def quantize_superblock(weight: torch.Tensor, bits: int, group: int, search: int = 21, iters: int = 4,
+                        refit: int = 4, chunk: int = FIT_ROWS) -> SuperBlockEmbedding:
+    """Super-block quantisation of a V x d matrix, `chunk` rows at a time."""
+    if not BITS_RANGE[0] <= bits <= BITS_RANGE[1]:
+        raise LmembedError(f"super-block quantisation: {bits} bits per code is out of range "
+                           f"({BITS_RANGE[0]}..{BITS_RANGE[1]})")
+    v, d = weight.shape
+    if not 1 <= group <= d:
+        raise LmembedError(f"super-block quantisation: group size {group} must be between 1 and the "
+                           f"embedding dimension {d}")
+    w = weight.detach().cpu()
+    if not torch.isfinite(w).all():
+        raise LmembedError("super-block quantisation: the matrix holds NaN or infinite values")
+    codes, subs, supers = [], [], []
+    for rows in w.split(chunk):
+        q, a, b, sup = fit_superblock_rows(rows.float(), bits, group, search, iters, refit)
+        codes.append(pack_bits(q, bits))
+        subs.append(pack_bits(torch.cat([a, b], 1), SUB_BITS))
+        supers.append(sup)
+    return SuperBlockEmbedding(torch.cat(codes), torch.cat(subs), torch.cat(supers), bits=bits, group_size=group,
+                               embedding_dim=d)
+
+
+# --- methods -------------------------------------------------------------------------------------
+class SuperBlockQuant(RowQuantizer):
+    """`kqB[:gG][:search=N][:iters=N][:refit=N]`: B-bit asymmetric codes in groups of G columns, each
+    group's scale and min as 6-bit multiples of its row's fp16 super-scale and super-min.
+    Calibration-free and deterministic."""
+
+    bits = 4
+    positional = (Arg("group", group_size, 32, "gG: columns per group (default g32)"),)
+    options = (
+        Arg("search", non_negative_int, 21, "candidate scales tried per group (0: the group's min and max only)"),
+        Arg("iters", non_negative_int, 4, "rounds of re-rounding the codes and refitting a group's scale and min"),
+        Arg("refit", non_negative_int, 4, "rounds of refitting each row's fp16 super-scale and super-min"),
+    )
+
+    def check(self, num_embeddings: int, dim: int) -> None:
+        if not BITS_RANGE[0] <= self.bits <= BITS_RANGE[1]:
+            raise LmembedError(f"method {self.text!r}: {self.bits} bits per code is out of range "
+                               f"({BITS_RANGE[0]}..{BITS_RANGE[1]})")
+        check_group(self, self.group, dim)
+
+    def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
+        self.check(*weight.shape)
+        return quantize_superblock(weight, self.bits, self.group, self.search, self.iters, self.refit)
+
+
+KQ2, KQ3, KQ4, KQ5, KQ6, KQ7, KQ8 = (
+    width_variant(SuperBlockQuant, f"KQ{b}", f"kq{b}", b,
+                  f"super-block {b}-bit asymmetric codes per group of G columns (default g32), 6-bit sub-scales and "
+                  f"sub-mins, fp16 super-scale and super-min per row: {b} + 12/G + 32/d bits per value")
+    for b in range(2, 9))

@@ -1,0 +1,475 @@
+"""Compressed token embeddings in GGUF files, the format llama.cpp and its runtimes load.
+
+``compress_gguf(src, method, dst)`` compresses the token embeddings of a GGUF model with an
+lmembed method and writes a new GGUF file in which only the embedding matrices (and, after a
+``trim`` stage, the tokenizer metadata) differ: every other tensor and metadata entry is copied
+byte for byte.
+
+A GGUF tensor has one *block type*: a row of ``ne0`` values is cut into blocks of 32 (or 256)
+values, each block holding small integers and one or two fp16 numbers. lmembed's integer codes
+map onto some of them exactly, so the codes lmembed chose (RTN, GPTQ, after a trim) are carried
+bit for bit:
+
+    lmembed matrix                               block type   values read back
+    int8 codes, int grid, groups of 32k / row    Q8_0         exact (the group's scale repeated per block)
+    int4 codes, int grid, groups of 32k          Q4_0         exact (levels -7..7 within Q4_0's -8..7)
+    int4 codes, half grid, groups of 32k         Q4_1         d*q + m, m = -7.5 d rounded to fp16 (|err| <= 2^-11 |m|)
+                                                 Q5_0, Q5_1   exact (the levels doubled, d halved)
+    a plain matrix (a trim alone)                any type     F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, and
+                                                              Q4_K/Q5_K/Q6_K for rows of 256k values
+
+Factorisations (svd, ae, wsvd, wae), groupreduce, half-grid int8 and groups that are not
+multiples of 32 have no block type. int3/int2 codes fit Q4_0 exactly but take its 4.5 bits per
+value, and a mixed-precision matrix needs one type for all its widths (int4 + int8: Q8_0), so
+those are written only when `gguf_type` names the type.
+
+Only the token matrices are decoded: unless a method reads the model's activations (a
+calibrated one, or ``calib=``), the rest of the model is never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..compression.api import MethodSpec, check_method, compress
+from ..compression.calibrated import GPTQ
+from ..compression.kl import KLFinetune
+from ..compression.mixed import Mixed, MixedQuantizedEmbedding
+from ..compression.modules import CompressedEmbedding, CompressedHead, DenseEmbedding, QuantizedEmbedding, unpack_bits
+from ..compression.quantize import RTN
+from ..compression.registry import pipeline_text
+from ..compression.trim import TrimmedEmbedding
+from ..errors import LmembedError
+from .blocks import BLOCK_TYPES, BlockType, _gguf, check_type, encode_matrix, pack_blocks, types_for_row
+from .gguf_file import ARRAY, EMBD, INTEGER_TYPES, OUTPUT, STRING, GGUFFile, OutTensor, kv_bytes, write_gguf
+
+# ---------------------------------------------------------------------------------------------
+# lmembed's integer codes as blocks
+
+
+def code_fit(bits: int, grid: str, t: BlockType) -> str | None:
+    """How block type `t` holds lmembed's `bits`-bit codes: 'exact', 'rounded' or None.
+
+    int grid levels are integers in [-2**(bits-1), 2**(bits-1)); half-grid levels are odd
+    multiples of 1/2, integers once doubled (with the scale halved): `bits + 1` bits. An affine
+    type also holds them undoubled with an fp16 offset m = -(2**(bits-1) - 1/2) * d ('rounded')."""
+    if not t.bits:
+        return None
+    if (bits if grid == "int" else bits + 1) <= t.bits:
+        return "exact"
+    return "rounded" if t.affine and grid == "half" and bits <= t.bits else None
+
+
+def codes_to_blocks(q: QuantizedEmbedding, t: BlockType) -> np.ndarray:
+    """The codes and fp16 scales of `q` as blocks of type `t` (see code_fit) -> uint8 rows x bytes."""
+    fit = code_fit(q.bits, q.grid, t)
+    if fit is None or q.group_size % 32 or q.embedding_dim % 32:
+        raise ValueError(f"{t.name} cannot hold int{q.bits} {q.grid}-grid codes in groups of {q.group_size}")
+    n = q.embedding_dim
+    codes = unpack_bits(q.packed.cpu(), q.bits, n).numpy().astype(np.int32)
+    group_of_block = np.arange(n // 32) * 32 // q.group_size
+    s = q.scales.cpu().numpy().astype(np.float32)[:, group_of_block]  # rows x blocks
+    off = 1 << (q.bits - 1)
+    if fit == "rounded":  # half grid, one step per code: x = s*code - (off - 1/2)*s, the offset rounded
+        d, stored, m = s, codes, -(off - 0.5) * s
+    else:  # integer levels (half grid: doubled, 2*code - 2*off + 1, on the halved scale s/2)
+        k = 2 if q.grid == "half" else 1
+        d, levels = s / k, k * (codes - off) + (k - 1)
+        if t.affine:  # x = d*(level + k*off) - k*off*d, and k*off*d = off*s exactly
+            stored, m = levels + k * off, -off * s
+        else:  # Q8_0 stores the level itself (int8), Q4_0 / Q5_0 the level + 8 / + 16
+            stored, m = levels + (0 if t.bits == 8 else 1 << (t.bits - 1)), None
+    m16 = m.astype(np.float16) if t.affine else None
+    if not np.isfinite(d.astype(np.float16)).all() or (m16 is not None and not np.isfinite(m16).all()):
+        raise LmembedError(f"{t.name}: a scale of the int{q.bits} codes overflows fp16 once offset; write another type")
+    return pack_blocks(t, d.astype(np.float16), stored, m16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which block type an lmembed matrix becomes
+
+
+PLAIN_NOTE = "a trim-only method keeps the matrix plain, which any of {types} can hold"
+
+
+def _codes_desc(parts: list[QuantizedEmbedding]) -> str:
+    widths = sorted({p.bits for p in parts})
+    grids = sorted({p.grid for p in parts})
+    groups = sorted({p.group_size for p in parts})
+    return (f"int{'/'.join(map(str, widths))} codes ({'/'.join(grids)} grid, groups of "
+            f"{'/'.join(map(str, groups))})")
+
+
+def held_by(parts: list[QuantizedEmbedding], n: int) -> dict[str, str]:
+    """Block types that hold every part's codes: name -> 'exact' | 'rounded' (best fit first)."""
+    if n % 32 or any(p.group_size % 32 for p in parts):
+        return {}
+    out = {}
+    for name, t in BLOCK_TYPES.items():
+        fits = [code_fit(p.bits, p.grid, t) for p in parts]
+        if all(fits):
+            out[name] = "rounded" if "rounded" in fits else "exact"
+    return dict(sorted(out.items(), key=lambda kv: (kv[1] != "exact", BLOCK_TYPES[kv[0]].nbytes)))
+
+
+def default_type(parts: list[QuantizedEmbedding], n: int) -> str | None:
+    """A block type of the codes' own width (Q4_* for int4, Q8_0 for int8), exact if one is, the
+    smallest otherwise; None for several widths or a width GGUF has no type for."""
+    held = held_by(parts, n)
+    widths = {p.bits for p in parts}
+    own = [name for name in held if BLOCK_TYPES[name].bits in widths and len(widths) == 1]
+    exact = [name for name in own if held[name] == "exact"]
+    return (exact or own or [None])[0]
+
+
+def _unwrap(module: CompressedEmbedding) -> tuple[CompressedEmbedding, np.ndarray | None]:
+    """(the matrix inside, kept original ids or None)."""
+    if isinstance(module, TrimmedEmbedding):
+        return module.inner, module.kept.long().cpu().numpy()
+    return module, None
+
+
+def _code_parts(module: CompressedEmbedding) -> list[QuantizedEmbedding] | None:
+    if isinstance(module, QuantizedEmbedding):
+        return [module]
+    if isinstance(module, MixedQuantizedEmbedding):
+        return list(module.parts)
+    return None
+
+
+def plain_types(n: int) -> str:
+    return ", ".join(types_for_row(n))
+
+
+def resolve_codes(parts: list, n: int, method: str, gguf_type: str | None, what: str = "token_embd") -> tuple[str, str]:
+    """(block type, 'exact' | 'rounded') for integer codes (objects with bits, grid, group_size),
+    or a one-line LmembedError saying why GGUF cannot hold them and what can."""
+    held = held_by(parts, n)
+    if gguf_type is not None:
+        t = check_type(gguf_type, n, what)
+        if t.name not in held:
+            fits = ", ".join(f"{k} ({v})" for k, v in held.items()) or "no block type"
+            raise LmembedError(f"gguf_type {t.name} cannot hold the {_codes_desc(parts)} of method {method!r}: they "
+                               f"fit {fits}; " + PLAIN_NOTE.format(types=plain_types(n)))
+        return t.name, held[t.name]
+    name = default_type(parts, n)
+    if name is not None:
+        return name, held[name]
+    bits, grid = parts[0].bits, parts[0].grid
+    if n % 32 or any(p.group_size % 32 for p in parts):
+        why = f"GGUF blocks hold 32 values under one scale and these groups (d = {n}) are not multiples of 32"
+    elif len({p.bits for p in parts}) > 1:
+        why = "a GGUF tensor has one block type, not one per width"
+    elif held:
+        why = f"GGUF has no {bits}-bit block type"
+    else:
+        why = f"no GGUF block type holds {bits}-bit {grid}-grid levels (use grid=int)"
+    alt = (f"they fit {', '.join(f'{k} ({v})' for k, v in held.items())}: pass gguf_type to use one" if held
+           else PLAIN_NOTE.format(types=plain_types(n)))
+    raise LmembedError(f"method {method!r} gives {_codes_desc(parts)}: {why}; {alt}")
+
+
+def resolve_type(module: CompressedEmbedding, method: str, gguf_type: str | None, source_type: str,
+                 what: str = "token_embd") -> tuple[str, str]:
+    """(block type, how: 'exact' | 'rounded' | 'copied' | 'requantised') for a compressed matrix.
+    A plain matrix keeps the source tensor's type unless `gguf_type` names another."""
+    inner, _ = _unwrap(module)
+    n = inner.embedding_dim
+    if isinstance(inner, DenseEmbedding):
+        if gguf_type is None or gguf_type == source_type:
+            return source_type, "copied"  # rows gathered as stored: works for any type the source has
+        return check_type(gguf_type, n, what).name, "requantised"
+    parts = _code_parts(inner)
+    if parts is None:
+        raise LmembedError(f"method {method!r} stores {what} as a {inner.kind} matrix, which no GGUF block type "
+                           "holds; GGUF holds int8/int4 codes in groups of 32k columns (Q8_0, Q4_0, Q4_1) and "
+                           + PLAIN_NOTE.format(types=plain_types(n)))
+    return resolve_codes(parts, n, method, gguf_type, what)
+
+
+def encode_module(module: CompressedEmbedding, type_name: str, source: np.ndarray | None = None) -> np.ndarray:
+    """A compressed matrix (as compress() leaves it) in block type `type_name` -> uint8 rows x bytes.
+
+    source: the stored rows of the original tensor (uint8 rows x bytes), given when `type_name`
+    is its type: a plain matrix is then gathered row by row, nothing rounded again."""
+    inner, kept = _unwrap(module)
+    if isinstance(inner, DenseEmbedding):
+        if source is not None:
+            return np.ascontiguousarray(source[kept] if kept is not None else source)
+        return encode_matrix(inner.dense(), type_name)
+    parts, t = _code_parts(inner), BLOCK_TYPES.get(type_name)
+    if parts is None or t is None:
+        raise LmembedError(f"a {inner.kind} matrix has no GGUF block type {type_name}")
+    if isinstance(inner, MixedQuantizedEmbedding):  # every width in the one type, rows back in place
+        out = np.empty((inner.num_embeddings, t.row_bytes(inner.embedding_dim)), dtype=np.uint8)
+        row_class = inner.row_class.cpu().numpy()
+        for c, part in enumerate(inner.parts):
+            if part.num_embeddings:
+                out[row_class == c] = codes_to_blocks(part, t)
+        return out
+    return codes_to_blocks(inner, t)
+
+
+def method_precheck(method: MethodSpec, vocab: int, n: int, gguf_type: str | None) -> list:
+    """The parsed pipeline; fails fast, before loading or fitting anything, when no block type can
+    hold what it will produce (the fitted matrix is checked again before writing)."""
+    stages = check_method(method, vocab, n)  # parses, and checks the groups, ranks, corpus... fit the matrix
+    text = pipeline_text(stages)
+    rest = stages[1:] if stages[0].vocabulary else list(stages)
+    while len(rest) > 1 and isinstance(rest[-1], KLFinetune):  # tunes scales in place: codes stay codes
+        rest = rest[:-1]
+    if gguf_type is not None:
+        check_type(gguf_type, n)
+    if not rest:
+        return stages
+    first = rest[0]
+    if len(rest) > 1 or not isinstance(first, (RTN, GPTQ, Mixed)):
+        raise LmembedError(f"method {text!r} stores token_embd in a form no GGUF block type holds; GGUF holds "
+                           "int8/int4 codes in groups of 32k columns (Q8_0, Q4_0, Q4_1) and "
+                           + PLAIN_NOTE.format(types=plain_types(n)))
+    group = first.group or n
+    widths = first.choices if isinstance(first, Mixed) else (first.bits,)
+    parts = [SimpleNamespace(bits=b, grid=first.grid, group_size=group) for b in widths]
+    if gguf_type is not None or len(parts) == 1 or group % 32 or n % 32:  # mixed may end up with one width
+        resolve_codes(parts, n, text, gguf_type)
+    return stages
+
+
+# ---------------------------------------------------------------------------------------------
+# A trimmed vocabulary in the tokenizer metadata
+
+TOKEN_ID_KEY = re.compile(r"^tokenizer\.ggml\.\w+_token_ids?$")
+
+
+def trimmed_metadata(f: GGUFFile, kept: np.ndarray, log: Callable[[str], None]) -> dict[str, bytes | None]:
+    """New bytes (None: drop the entry) for what a vocabulary trim changes: tokens, token types,
+    scores, merges (kept when both parts and the result are kept, in order), every special token
+    id, <arch>.vocab_size. New id = position of the old id in `kept` (sorted)."""
+    out: dict[str, bytes | None] = {}
+    key = "tokenizer.ggml.tokens"
+    tokens = f.value(key)
+    if not isinstance(tokens, list) or len(kept) and int(kept.max()) >= len(tokens):
+        raise LmembedError(f"{f.what} {f.path}: {key} does not list the {int(kept.max()) + 1}+ tokens trimming kept")
+    new_tokens = [tokens[i] for i in kept]
+    out[key] = kv_bytes(key, ARRAY, new_tokens, STRING)
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        e = f.entries.get(key)
+        if e is not None and e.vtype == ARRAY and e.count == len(tokens):
+            out[key] = kv_bytes(key, ARRAY, f.value(key)[kept], e.sub_type)
+    key = "tokenizer.ggml.merges"
+    if key in f.entries:
+        have = set(new_tokens)
+        merges = [m for m in f.value(key)
+                  if len(p := m.split(" ")) == 2 and p[0] in have and p[1] in have and p[0] + p[1] in have]
+        out[key] = kv_bytes(key, ARRAY, merges, STRING)
+    new_id = {int(o): i for i, o in enumerate(kept)}
+    for key, e in f.entries.items():
+        if not TOKEN_ID_KEY.match(key):
+            continue
+        if e.vtype == ARRAY and e.sub_type in INTEGER_TYPES:
+            out[key] = kv_bytes(key, ARRAY, [new_id[int(i)] for i in f.value(key) if int(i) in new_id], e.sub_type)
+        elif e.vtype in INTEGER_TYPES:
+            old = int(f.value(key))
+            if old in new_id:
+                out[key] = kv_bytes(key, e.vtype, new_id[old])
+            else:
+                log(f"{key}: token {old} was dropped by trimming; entry removed")
+                out[key] = None
+    key = f"{f.value('general.architecture', '')}.vocab_size"
+    if key in f.entries and f.entries[key].vtype in INTEGER_TYPES:
+        out[key] = kv_bytes(key, f.entries[key].vtype, len(kept))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# compress_gguf
+
+
+class GGUFEmbeddings(nn.Module):
+    """Only the token matrices of a GGUF model, laid out as transformers models are (an input
+    embedding, an output layer tied to it unless the file has its own): what compress() needs
+    when no stage runs the model."""
+
+    def __init__(self, embed: np.ndarray, head: np.ndarray | None, config: SimpleNamespace):
+        super().__init__()
+        v, d = embed.shape
+        self.embed_tokens = nn.Embedding(v, d, _weight=torch.from_numpy(embed))
+        self.lm_head = nn.Linear(d, v, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight if head is None else nn.Parameter(torch.from_numpy(head))
+        self.config = config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
+def _light_config(f: GGUFFile, vocab: int) -> SimpleNamespace:
+    """The token ids transformers' GGUF loader puts in the model config (trimming keeps them)."""
+    ids = {}
+    for key, name in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unknown", "unk_token_id"),
+                      ("padding", "pad_token_id")):
+        e = f.entries.get(f"tokenizer.ggml.{key}_token_id")
+        if e is not None and e.vtype in INTEGER_TYPES:
+            ids[name] = int(f.value(e.key))
+    return SimpleNamespace(vocab_size=vocab, **ids)
+
+
+def _load_tokenizer(src: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise LmembedError(f"src {src}: transformers cannot build its tokenizer ({str(e).splitlines()[0][:160]}); "
+                           "a trim stage needs it") from None
+
+
+def _load_model(src: Path):
+    from ..models.pretrained import load_pretrained
+
+    try:
+        return load_pretrained(str(src), task="causal-lm")
+    except (ValueError, KeyError, ImportError) as e:
+        raise LmembedError(f"src {src}: transformers cannot load this GGUF model ({str(e).splitlines()[0][:160]}); "
+                           "calibrated methods run the model") from None
+
+
+def _check_dst(src: Path, dst: Path, force: bool) -> None:
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise LmembedError(f"dst {dst}: is the source file; write the compressed model to a new file")
+    if dst.is_dir():
+        raise LmembedError(f"dst {dst}: is a folder; give the path of the .gguf file to write")
+    if dst.exists() and not force:
+        raise LmembedError(f"dst {dst}: already exists; pass force=True (--force) to replace it")
+    if not dst.parent.is_dir():
+        raise LmembedError(f"dst {dst}: folder {dst.parent} does not exist")
+
+
+def _check_trimmable(f: GGUFFile, vocab: int) -> None:
+    others = [t.name for t in f.tensors if t.name not in (EMBD, OUTPUT) and vocab in t.shape]
+    if others:
+        raise LmembedError(f"src {f.path}: tensor {others[0]} has a vocabulary-sized dimension that lmembed does not "
+                           "know how to trim")
+    if not isinstance(f.value("tokenizer.ggml.tokens"), list):
+        raise LmembedError(f"src {f.path}: no tokenizer.ggml.tokens in its metadata, so a trim cannot be written")
+
+
+def compress_gguf(src: str | os.PathLike, method: MethodSpec, dst: str | os.PathLike, *, gguf_type: str | None = None,
+                  calib: Any = None, calib_tokens: int | None = None, seed: int = 0, force: bool = False,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compress the token embeddings of the GGUF model `src` with `method` and write `dst`.
+
+    int8 / int4 codes become Q8_0 / Q4_0 / Q4_1 blocks (see the module docstring), carried bit for
+    bit; a plain matrix (a trim alone) keeps the source's block type or takes `gguf_type`, which
+    may also pick another type that holds the codes (int3 codes in Q4_0, ...). A first
+    ``trim:CORPUS`` stage also rewrites the tokenizer metadata. Every other tensor and metadata
+    entry is copied byte for byte. `calib` / `calib_tokens` feed calibrated methods (the model is
+    then loaded by transformers and run). Everything is checked before anything is written; `dst`
+    is written to a temporary file in its folder that replaces it at the end. Returns a report.
+    """
+    t0 = time.perf_counter()
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    f = GGUFFile(src)
+    d, vocab = f.matrix(EMBD).shape
+    f.matrix(OUTPUT, required=False)  # an untied head is checked too, before any work
+    _check_dst(src, dst, force)
+    stages = method_precheck(method, vocab, d, gguf_type)
+    text = pipeline_text(stages)
+    trims = stages[0].vocabulary
+    if trims:
+        _check_trimmable(f, vocab)
+    calibrated = any(s.needs_calib for s in stages)
+    if calibrated and calib is None:
+        raise LmembedError(f"method {text!r} needs calibration: pass calib= (a text file, a corpus name or token ids)")
+
+    report, matrices = _fit(f, src, stages, calibrated or calib is not None, trims, dict(
+        calib=calib, seed=seed, device="cpu", log=log, calib_tokens=calib_tokens))
+    new, rows = {}, []
+    for tensor, module in matrices:  # encoded and measured against lmembed's matrix before writing
+        new[tensor.name], row = _encode(f, tensor, module, text, gguf_type)
+        rows.append(row)
+        log(f"{tensor.name}: {row['type_before']} {row['shape_before']} -> {row['type_after']} {row['shape_after']} "
+            f"({row['how']}; max |error| against lmembed's matrix {row['max_abs_error']:.3g})")
+    kv_new = trimmed_metadata(f, _unwrap(matrices[0][1])[1], log) if trims else {}
+    kv = [kv_new[k] if k in kv_new else f.raw(k) for k in f.entries if kv_new.get(k, b"") is not None]
+    tensors = [new.get(t.name) or OutTensor(t.name, t.shape, t.ggml, f.stored(t)) for t in f.tensors]
+
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    try:
+        write_gguf(tmp, f.version, f.alignment, kv, tensors)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    before, after = sum(r["bytes_before"] for r in rows), sum(r["bytes_after"] for r in rows)
+    result = {
+        "src": str(src), "dst": str(dst), "method": text, "block_types": [r["type_after"] for r in rows],
+        "exact": all(r["exact"] for r in rows), "max_abs_error": max(r["max_abs_error"] for r in rows),
+        "bytes_before": before, "bytes_after": after, "ratio": before / after,
+        "vocab_before": vocab, "vocab_after": rows[0]["shape_after"][0], "file_bytes_before": src.stat().st_size,
+        "file_bytes_after": dst.stat().st_size, "tensors": rows, "seconds": time.perf_counter() - t0,
+        "compress": report,
+    }
+    log(f"wrote {dst} ({result['file_bytes_after']:,} bytes; embedding matrices {before:,} -> {after:,} bytes, "
+        f"x{result['ratio']:.2f})")
+    return result
+
+
+def _fit(f: GGUFFile, src: Path, stages: list, whole_model: bool, trims: bool, kw: dict[str, Any]
+         ) -> tuple[dict[str, Any], list]:
+    """lmembed.compress on the whole model when a stage runs it (calibration), else on the token
+    matrices alone; returns its report and (GGUF tensor, compressed module) pairs."""
+    embd, head = f.matrix(EMBD), f.matrix(OUTPUT, required=False)
+    if whole_model:
+        kw["log"](f"{src.name}: loading the whole model with transformers (calibration runs it)")
+        model, tokenizer = _load_model(src)
+    else:
+        light = _light_config(f, embd.shape[1])
+        model = GGUFEmbeddings(f.decode(embd), f.decode(head) if head is not None else None, light)
+        tokenizer = _load_tokenizer(src) if trims else None
+    report = compress(model, stages, tokenizer=tokenizer, **kw)
+    report.pop("tokenizer", None)
+    matrices = [(embd, model.get_input_embeddings())]
+    if head is not None:
+        out_layer = model.get_output_embeddings()
+        if not isinstance(out_layer, CompressedHead):
+            raise LmembedError(f"src {src}: its output layer ({OUTPUT}) was left uncompressed")
+        matrices.append((head, out_layer.embedding))
+    return report, matrices
+
+
+def _encode(f: GGUFFile, tensor: Any, module: CompressedEmbedding, text: str, gguf_type: str | None
+            ) -> tuple[OutTensor, dict[str, Any]]:
+    """The tensor's new blocks, and its report row (types, shapes, bytes, max error)."""
+    source_type = tensor.type_name
+    chosen, how = resolve_type(module, text, gguf_type, source_type, tensor.name.split(".")[0])
+    data = encode_module(module, chosen, np.asarray(f.stored(tensor)) if how == "copied" else None)
+    ggml = tensor.ggml if how == "copied" else BLOCK_TYPES[chosen].ggml
+    n = module.embedding_dim
+    back = OutTensor(tensor.name, (n, data.shape[0]), ggml, data)
+    err = max_error(back, module)
+    return back, {"name": tensor.name, "type_before": source_type, "type_after": chosen, "how": how,
+                  "exact": err == 0.0, "max_abs_error": err, "shape_before": [tensor.shape[1], tensor.shape[0]],
+                  "shape_after": [int(data.shape[0]), n], "bytes_before": tensor.nbytes,
+                  "bytes_after": int(data.nbytes)}
+
+
+def max_error(t: OutTensor, module: CompressedEmbedding, chunk: int = 16384) -> float:
+    """max |decoded rows of `t` - lmembed's rows|, a chunk of rows at a time (bounded memory)."""
+    gguf, err = _gguf(), 0.0
+    for s in range(0, t.data.shape[0], chunk):
+        got = gguf.quants.dequantize(np.ascontiguousarray(t.data[s: s + chunk]), gguf.GGMLQuantizationType(t.ggml))
+        want = module.lookup(torch.arange(s, min(s + chunk, t.data.shape[0]))).detach().float().cpu().numpy()
+        err = max(err, float(np.abs(np.asarray(got, dtype=np.float32).reshape(want.shape) - want).max()))
+    return err

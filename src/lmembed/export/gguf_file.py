@@ -1,0 +1,269 @@
+"""The GGUF container, read in place and written anew: header, metadata entries, tensor infos,
+aligned tensor data (all little-endian). Entries and tensors this code does not change are
+copied as raw bytes, so a rewritten file differs only where lmembed changed it."""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import LmembedError
+from .blocks import TYPE_BY_NUMBER, _gguf
+
+EMBD, OUTPUT = "token_embd.weight", "output.weight"
+GGUF_MAGIC = b"GGUF"
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files: header, metadata entries, tensor infos, aligned tensor data (all little-endian)
+
+SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                  12: "<d"}
+STRING, ARRAY = 8, 9
+INTEGER_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)
+
+
+@dataclass
+class Entry:
+    """One metadata entry: its value type (and element type for arrays) and where its bytes are."""
+
+    key: str
+    vtype: int
+    sub_type: int | None
+    start: int  # the entry's first byte (its key)
+    value_start: int  # the value's first byte (for arrays: the first element)
+    end: int
+    count: int = 1  # elements of an array
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ne0 (the contiguous dimension) first, as GGUF stores it
+    ggml: int
+    offset: int  # from the start of the data section
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        t = TYPE_BY_NUMBER.get(self.ggml)
+        if t is not None:
+            return t.name
+        gguf = _gguf()
+        return gguf.GGMLQuantizationType(self.ggml).name
+
+
+class GGUFFile:
+    """A GGUF file read in place (memory-mapped): metadata parsed, tensor data left on disk."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "src"):
+        self.path, self.what = Path(path).expanduser(), what
+        p = self.path
+        if not p.is_file():
+            raise LmembedError(f"{what} {p}: file not found" if not p.exists() else f"{what} {p}: not a file")
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(4)
+        if head != GGUF_MAGIC:
+            raise LmembedError(f"{what} {p}: not a GGUF file (it starts with {head!r}, expected b'GGUF')")
+        self.buf = np.memmap(p, dtype=np.uint8, mode="r")
+        try:
+            self._parse(size)
+        except (struct.error, ValueError, IndexError, UnicodeDecodeError) as e:
+            raise LmembedError(f"{what} {p}: truncated or corrupt GGUF file ({e})") from None
+
+    def _parse(self, size: int) -> None:
+        buf, pos = self.buf, 4
+        (self.version,) = struct.unpack_from("<I", buf, pos)
+        if self.version & 0xFFFF == 0:
+            raise LmembedError(f"{self.what} {self.path}: a big-endian GGUF file; lmembed reads little-endian ones")
+        if self.version not in (2, 3):
+            raise LmembedError(f"{self.what} {self.path}: GGUF version {self.version}; lmembed reads versions 2 and 3")
+        n_tensors, n_kv = struct.unpack_from("<QQ", buf, pos + 4)
+        pos += 20
+        if n_tensors > size or n_kv > size:
+            raise ValueError(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in {size} bytes")
+        self.entries: dict[str, Entry] = {}
+        for _ in range(n_kv):
+            start = pos
+            key, pos = self._string(pos)
+            (vtype,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            sub, count = None, 1
+            if vtype == ARRAY:
+                sub, count = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+            value_start = pos
+            pos = self._skip(pos, sub if vtype == ARRAY else vtype, count)
+            self.entries[key] = Entry(key, vtype, sub, start, value_start, pos, count)
+        self.tensors: list[TensorInfo] = []
+        for _ in range(n_tensors):
+            name, pos = self._string(pos)
+            (ndim,) = struct.unpack_from("<I", buf, pos)
+            if not 1 <= ndim <= 4:
+                raise ValueError(f"tensor {name} has {ndim} dimensions")
+            shape = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+            ggml, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
+            pos += 4 + 8 * ndim + 12
+            self.tensors.append(TensorInfo(name, tuple(int(x) for x in shape), int(ggml), int(offset),
+                                           tensor_nbytes(shape, int(ggml), name)))
+        align = self.value("general.alignment", 32)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise ValueError(f"general.alignment {align!r} is not a power of two")
+        self.alignment = align
+        self.data_start = -(-pos // align) * align
+        for t in self.tensors:
+            end = self.data_start + t.offset + t.nbytes
+            if end > size:
+                raise LmembedError(f"{self.what} {self.path}: truncated GGUF file (tensor {t.name} ends at byte "
+                                   f"{end:,}, the file has {size:,})")
+
+    def _string(self, pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", self.buf, pos)
+        end = pos + 8 + n
+        if end > len(self.buf):
+            raise ValueError(f"a string runs past the end of the file at byte {pos}")
+        return bytes(self.buf[pos + 8: end]).decode("utf-8", "surrogateescape"), end
+
+    def _skip(self, pos: int, vtype: int, count: int) -> int:
+        if vtype == STRING:
+            for _ in range(count):
+                (n,) = struct.unpack_from("<Q", self.buf, pos)
+                pos += 8 + n
+        elif vtype in SCALAR_FORMATS:
+            pos += count * struct.calcsize(SCALAR_FORMATS[vtype])
+        else:
+            raise ValueError(f"unknown metadata value type {vtype} (nested arrays are not read)")
+        if pos > len(self.buf):
+            raise ValueError("metadata runs past the end of the file")
+        return pos
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """A metadata value: int / float / bool / str, a list of str, or a numpy array of numbers."""
+        e = self.entries.get(key)
+        if e is None:
+            return default
+        if e.vtype == STRING:
+            return self._string(e.value_start)[0]
+        if e.vtype != ARRAY:
+            return struct.unpack_from(SCALAR_FORMATS[e.vtype], self.buf, e.value_start)[0]
+        if e.sub_type == STRING:
+            out, pos = [], e.value_start
+            for _ in range(e.count):
+                s, pos = self._string(pos)
+                out.append(s)
+            return out
+        dtype = np.dtype(SCALAR_FORMATS[e.sub_type])
+        return np.frombuffer(self.buf, dtype=dtype, count=e.count, offset=e.value_start)
+
+    def raw(self, key: str) -> bytes:
+        """The entry exactly as stored (key, type, value)."""
+        e = self.entries[key]
+        return bytes(self.buf[e.start: e.end])
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        return next((t for t in self.tensors if t.name == name), None)
+
+    def stored(self, t: TensorInfo) -> np.ndarray:
+        """The tensor's bytes as stored; for a matrix, uint8 rows x bytes per row (a row = ne0 values)."""
+        start = self.data_start + t.offset
+        data = self.buf[start: start + t.nbytes]
+        return data.reshape(math.prod(t.shape[1:]), -1) if len(t.shape) > 1 else data
+
+    def decode(self, t: TensorInfo) -> np.ndarray:
+        """A matrix tensor as float32 rows x ne0 (the gguf package's decoders)."""
+        gguf = _gguf()
+        try:
+            out = gguf.quants.dequantize(np.asarray(self.stored(t)), gguf.GGMLQuantizationType(t.ggml))
+        except NotImplementedError:
+            raise LmembedError(f"{self.what} {self.path}: {t.name} is {t.type_name}, which the installed gguf "
+                               "package cannot decode (pip install -U gguf)") from None
+        out = np.asarray(out, dtype=np.float32).reshape(-1, t.shape[0])
+        return out if out.flags.writeable else out.copy()  # F32 data is a view of the read-only file
+
+    def matrix(self, name: str, required: bool = True) -> TensorInfo | None:
+        t = self.tensor(name)
+        if t is None and required:
+            names = ", ".join(x.name for x in self.tensors[:5]) or "none"
+            raise LmembedError(f"{self.what} {self.path}: the GGUF file has no {name} tensor (its token embeddings); "
+                               f"its tensors start {names}")
+        if t is not None and len(t.shape) != 2:
+            raise LmembedError(f"{self.what} {self.path}: {name} has shape {list(t.shape)}, expected [dim, vocab]")
+        return t
+
+
+def tensor_nbytes(shape: tuple[int, ...], ggml: int, name: str) -> int:
+    t = TYPE_BY_NUMBER.get(ggml)
+    if t is not None:
+        block, nbytes = t.block, t.nbytes
+    else:
+        gguf = _gguf()
+        try:
+            block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml)]
+        except (ValueError, KeyError):
+            raise ValueError(f"tensor {name} has unknown type {ggml}") from None
+    if shape[0] % block:
+        raise ValueError(f"tensor {name}: rows of {shape[0]} values do not split into blocks of {block}")
+    return math.prod(shape[1:]) * (shape[0] // block) * nbytes
+
+
+def read_token_embd(path: str | os.PathLike) -> tuple[np.ndarray, str]:
+    """(the token embedding matrix of a GGUF file, decoded: float32 vocab x dim; its block type)."""
+    f = GGUFFile(path, "file")
+    t = f.matrix(EMBD)
+    return f.decode(t), t.type_name
+
+
+def _string(s: str) -> bytes:
+    b = s.encode("utf-8", "surrogateescape")
+    return struct.pack("<Q", len(b)) + b
+
+
+def kv_bytes(key: str, vtype: int, value: Any, sub_type: int | None = None) -> bytes:
+    """One metadata entry as GGUF stores it: key, value type, value (arrays: element type, count)."""
+    out = [_string(key), struct.pack("<I", vtype)]
+    if vtype == ARRAY:
+        out.append(struct.pack("<IQ", sub_type, len(value)))
+        if sub_type == STRING:
+            out.extend(_string(v) for v in value)
+        else:
+            out.append(np.asarray(value).astype(np.dtype(SCALAR_FORMATS[sub_type])).tobytes())
+    elif vtype == STRING:
+        out.append(_string(value))
+    else:
+        out.append(struct.pack(SCALAR_FORMATS[vtype], value))
+    return b"".join(out)
+
+
+@dataclass
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]  # ne0 first
+    ggml: int
+    data: np.ndarray  # uint8: the bytes to store
+
+
+def write_gguf(path: Path, version: int, alignment: int, kv: list[bytes], tensors: list[OutTensor]) -> None:
+    """Header, metadata entries (given as bytes), tensor infos, then the tensors' data, each aligned."""
+    offsets, off = [], 0
+    for t in tensors:
+        offsets.append(off)
+        off += -(-t.data.nbytes // alignment) * alignment
+    with open(path, "wb") as f:
+        f.write(GGUF_MAGIC + struct.pack("<IQQ", version, len(tensors), len(kv)))
+        for b in kv:
+            f.write(b)
+        for t, o in zip(tensors, offsets, strict=True):
+            f.write(_string(t.name) + struct.pack(f"<I{len(t.shape)}QIQ", len(t.shape), *t.shape, t.ggml, o))
+        f.write(b"\0" * (-f.tell() % alignment))
+        for t in tensors:
+            f.write(memoryview(np.ascontiguousarray(t.data).reshape(-1)))
+            f.write(b"\0" * (-t.data.nbytes % alignment))
+
+
