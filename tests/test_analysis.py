@@ -261,7 +261,7 @@ def test_analyze_cli_runs_compare_and_refuse_overwrite(tiny_corpus, tmp_path, ca
     bad = write(tmp_path / "bad.txt", "cat dog 8\ncat\n")
     assert main(["analyze", str(tmp_path / "tied"), "--benchmark", str(bad), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "bad.txt: line 2:" in err and len(err.splitlines()) == 1
+    assert err.startswith("lmembed: error: ") and "bad.txt: line 2:" in err and len(err.splitlines()) == 1
 
 
 def test_bench_tying_analysis_columns(tiny_corpus, tmp_path):

@@ -29,7 +29,7 @@ def test_bad_input_is_one_line(argv, message, tmp_path, tiny_corpus, capsys):
     argv = [a.format(tmp=tmp_path, corpus=tiny_corpus) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err
+    assert err.startswith("lmembed: error: ") and message in err
     assert len(err.splitlines()) == 1
 
 
@@ -37,7 +37,7 @@ def test_train_eval_and_bench_cli(tiny_corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--data", str(tiny_corpus), "--preset", "tiny", "--epochs", "1", "--tie", "tied",
                  "--out", str(run), "--no-progress"]) == 0
-    assert main(["eval", str(run), "--split", "valid"]) == 0
+    assert main(["eval", str(run), "--split", "valid", "--data", str(tiny_corpus)]) == 0
     res = json.loads((run / "eval-valid.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert res["ppl"] == pytest.approx(metrics["valid_ppl"])

@@ -15,6 +15,7 @@ from safetensors import safe_open
 import lmembed
 from lmembed.compression import CompressedHead, FactorizedEmbedding, QuantizedEmbedding
 from lmembed.compression import modules as compress_modules
+from lmembed.compression.io import manifest_digest
 from lmembed.compression.modules import pack_bits, unpack_bits
 from lmembed.compression.registry import parse_pipeline
 from lmembed.errors import LmembedError
@@ -276,10 +277,12 @@ def test_truncated_weights_file(saved):
 def test_manifest_that_does_not_match_tensors(saved):
     m = json.loads((saved / "lmembed.json").read_text())
     m["modules"][0]["spec"]["rank"] = 9  # inconsistent with its own codes
+    m["manifest_sha256"] = manifest_digest(m)  # a consistent manifest that is wrong: the deeper checks
     (saved / "lmembed.json").write_text(json.dumps(m))
     with pytest.raises(LmembedError, match=r"lmembed.json: module entry 0: .*malformed"):
         lmembed.load(saved)
     m["modules"][0]["spec"]["codes"]["embedding_dim"] = 9  # consistent, but not what was saved
+    m["manifest_sha256"] = manifest_digest(m)
     (saved / "lmembed.json").write_text(json.dumps(m))
     with pytest.raises(LmembedError, match="does not match the tensors in model.safetensors"):
         lmembed.load(saved)

@@ -33,22 +33,26 @@ def _logits(model, **kw):
 
 # --- the packed-code kernel -------------------------------------------------------------------------
 @pytest.mark.parametrize("bits, group, grid", [(8, 40, "int"), (8, 8, "int"), (4, 8, "int"), (4, 40, "half"),
-                                               (3, 8, "int"), (2, 16, "half"), (5, 40, "int")])
+                                               (4, 32, "int"), (8, 32, "half"), (3, 8, "int"), (2, 16, "half"),
+                                               (5, 40, "int")])
 def test_kernel_logits_equal_the_dequantised_matrix(bits, group, grid):
     torch.manual_seed(bits * 100 + group)
-    w = torch.randn(300, 40)
+    d = 64 if group == 32 else 40  # int4 in whole 32s takes the in-place path
+    w = torch.randn(300, d)
     q = quantize_rows(w, bits, group, grid)
     dense = q.dense()
-    for m in (1, 3, kernels.KERNEL_MAX_ROWS):
-        h = torch.randn(m, 40)
-        shift = (0.5 if grid == "half" else 0.0) - (1 << (bits - 1))
+    if kernels.library() is None:
+        pytest.skip("no C compiler: the kernel is optional")
+    shift = (0.5 if grid == "half" else 0.0) - (1 << (bits - 1))
+    for m in range(1, kernels.KERNEL_MAX_ROWS + 1):  # decoding: codes read row by row
+        h = torch.randn(m, d)
         fast = kernels.packed_logits(q.packed, q.scales, h, bits=bits, group=group, shift=shift)
-        if kernels.library() is None:
-            pytest.skip("no C compiler: the kernel is optional")
         assert torch.allclose(fast, h @ dense.t(), rtol=1e-5, atol=1e-5)
-        assert torch.allclose(q.logits(h), fast)  # the module takes the kernel for few rows
-    h = torch.randn(kernels.KERNEL_MAX_ROWS + 1, 40)
-    assert kernels.packed_logits(q.packed, q.scales, h, bits=bits, group=group, shift=0.0) is None  # BLAS path
+        assert torch.equal(q.logits(h), fast)  # the module takes it for few rows
+    decoded = kernels.decode(q.packed, q.scales, d, bits=bits, group=group, shift=shift)
+    assert torch.equal(decoded, dense)  # a prompt: the compiled decoder gives the PyTorch path's values exactly
+    h = torch.randn(kernels.KERNEL_MAX_ROWS + 5, d)
+    assert kernels.packed_logits(q.packed, q.scales, h, bits=bits, group=group, shift=shift) is None
     assert torch.allclose(q.logits(h), h @ dense.t(), rtol=1e-5, atol=1e-5)
 
 

@@ -311,5 +311,5 @@ def test_cli_finetune_and_one_line_errors(tiny_encoder, tiny_task, tmp_path, cap
     rc = main(["finetune", str(tiny_encoder), "--task", str(tiny_task), "--out", str(tmp_path / "x"),
                "--label-col", "stars"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "'stars'" in err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("lmembed: error: ") and "'stars'" in err
     assert not (tmp_path / "x").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lmembed
@@ -103,8 +103,8 @@ def test_no_import_cycles_between_files_or_packages():
     assert _cycle(pkg_graph) is None, _cycle(pkg_graph)
     # the layers the README describes: the CLI on top, benches below it, training over evaluation over
     # compression over models; nothing below reaches up
-    order = ["lmembed.cli", "lmembed.bench", "lmembed.export", "lmembed.training", "lmembed.evaluation", "lmembed.compression",
-             "lmembed.models"]
+    order = ["lmembed.cli", "lmembed.bench", "lmembed.export", "lmembed.training", "lmembed.evaluation",
+             "lmembed.compression", "lmembed.models"]
     for i, upper in enumerate(order):
         for lower in order[i + 1:]:
             assert upper not in pkg_graph.get(lower, set()), f"{lower} imports {upper}"
@@ -154,7 +154,11 @@ def method_texts(draw):
 @settings(max_examples=300, deadline=None)
 @given(text=method_texts())
 def test_method_text_round_trips_through_objects(text):
-    m = parse_method(text)
+    try:
+        m = parse_method(text)
+    except LmembedError as e:  # a combination no matrix can take (mixed:1.0 below every width): one line
+        assert "\n" not in str(e)
+        assume(False)
     again = parse_method(str(m))
     assert again == m and str(again) == str(m)  # the printer is the parser's inverse
     assert type(m)(**m.values()) == m  # typed construction accepts exactly the parsed values

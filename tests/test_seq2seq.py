@@ -113,7 +113,7 @@ def test_cli_three_way_without_shared_vocab_is_one_error_line(parallel_dir, tmp_
     rc = main(["train-seq2seq", "--data", str(parallel_dir), "--preset", "tiny", "--tie", "three-way",
                "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and err.startswith("error: --tie three-way needs one vocabulary")
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("lmembed: error: --tie three-way needs one vocabulary")
     assert not (tmp_path / "run").exists()
 
 
@@ -181,7 +181,7 @@ def test_training_learns_and_writes_a_complete_run(parallel_dir, tmp_path):
     assert (out / "report.md").read_text().count("|") > 10 and (out / "curves.png").stat().st_size > 1000
     model, src_tok, tgt_tok, cfg = load_seq2seq_run(out, device="cpu")
     assert model.head.out.weight is model.tgt_embedding.weight  # still tied after loading
-    again = evaluate_seq2seq_run(out, split="test", device="cpu")
+    again = evaluate_seq2seq_run(out, split="test", device="cpu", data=str(parallel_dir))
     assert again["bleu"] == pytest.approx(m["test_bleu"]) and again["ppl"] == pytest.approx(m["test_ppl"])
 
 

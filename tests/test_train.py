@@ -36,7 +36,7 @@ def test_loss_decreases_and_metrics_written(tiny_corpus, tmp_path):
 def test_save_load_round_trip_gives_identical_ppl(tiny_corpus, tmp_path, arch):
     cfg = make_config(arch, "tiny", data=str(tiny_corpus), tie="tied", epochs=1)
     m = lmembed.train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
-    r = lmembed.evaluate_run(tmp_path / "run", split="test")
+    r = lmembed.evaluate_run(tmp_path / "run", split="test", data=str(tiny_corpus))
     assert r["ppl"] == m["test_ppl"]
     model, tok, cfg2 = lmembed.load_run(tmp_path / "run")
     assert model.head.out.weight is model.embedding.weight  # still tied after loading
@@ -68,7 +68,7 @@ def test_refuses_to_overwrite_without_force(tiny_corpus, tmp_path):
         lmembed.train(_cfg(tiny_corpus, epochs=1), out, progress=False, log=lambda s: None)
     assert (out / "notes.txt").read_text() == "mine"
     lmembed.train(_cfg(tiny_corpus, epochs=1), out, force=True, progress=False, log=lambda s: None)
-    assert not (out / "notes.txt").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # --force replaces only a run's own files
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path, monkeypatch):

@@ -18,19 +18,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..common.files import prepare_out_dir, read_json, write_json
+from ..common.faults import fault_point
+from ..common.files import bench_dir, read_json, write_json
+from ..common.locks import holds_lock
 from ..common.report import markdown_table, plot_scatter, write_text
 from ..common.runtime import seed_everything
 from ..compression import compress
 from ..compression.api import check_method
 from ..compression.calibrate import DEFAULT_TOKENS, CalibStats, calibrate
 from ..compression.hf import find_sites
+from ..compression.registry import as_pipeline
 from ..errors import LmembedError
 from ..evaluation.pretrained import EVAL_TOKENS
 from ..evaluation.subject import Subject, load_subject
 from .pareto import pareto_plot
 
 DEFAULT_METHODS = "int8,int4,int4:g32,svd:432,ae:432,svd:288,ae:288"
+BENCH_FILES = ("settings.json", "rows", "compress.json", "compress.md", "compress.png", "pareto.png")
 
 
 def _slug(method: str, side: str) -> str:
@@ -38,27 +42,27 @@ def _slug(method: str, side: str) -> str:
     return f"{s}--{side}-{hashlib.sha1(f'{method}|{side}'.encode()).hexdigest()[:6]}"
 
 
+@holds_lock("bench folder")
 def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str = DEFAULT_METHODS,
                    sides: str = "auto", max_tokens: int = EVAL_TOKENS, seed: int = 0, force: bool = False,
                    resume: bool = True, progress: bool | None = None, log=print, subject: Subject | None = None,
                    calib: Any = None, calib_tokens: int = DEFAULT_TOKENS) -> dict[str, Any]:
     """calib (a text spec or ids): the original model is calibrated once, every row reuses the
     statistics (rows that trim the vocabulary recalibrate their trimmed model)."""
-    out = Path(out)
-    if force:
-        prepare_out_dir(out, force=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows").mkdir(exist_ok=True)
-    seed_everything(seed)
-    subject = subject or load_subject(model_spec, text=text, max_tokens=max_tokens, progress=progress)
-    sites = find_sites(subject.model)
-    v, d = sites.input_weight.shape
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:
         raise LmembedError("--methods: give at least one method, e.g. int8,svd:128")
     for m in method_list:
-        check_method(m, v, d)  # every bad string is reported before hours of work
+        as_pipeline(m)  # every bad string is reported before the model loads
+    seed_everything(seed)
+    subject = subject or load_subject(model_spec, text=text, max_tokens=max_tokens, progress=progress)
+    sites = find_sites(subject.model)
+    v, d = sites.input_weight.shape
+    for m in method_list:
+        check_method(m, v, d)  # and every setting this matrix cannot take, before hours of work
     side_list = _sides(sides, sites)
+    out = bench_dir(out, force=force, owned=BENCH_FILES)  # every input checked: now the folder
+    (out / "rows").mkdir(exist_ok=True)
     settings = {"model": model_spec, "text": text, "max_tokens": max_tokens, "seed": seed,
                 "metric": subject.metric, "eval": subject.eval_settings}
     stats = _calibrate_once(subject, calib, calib_tokens, seed, progress, log)
@@ -132,6 +136,7 @@ def _cached(path: Path, resume: bool, make) -> dict[str, Any]:
         return read_json(path, "bench row")
     row = make()
     write_json(path, row)
+    fault_point("bench:row")
     return row
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..common.files import prepare_out_dir, write_json
+from ..common.files import check_out_dir, write_json
+from ..common.locks import holds_lock
 from ..common.report import markdown_table, plot_scatter, write_text
 from ..common.runtime import seed_everything
 from ..errors import LmembedError
@@ -48,6 +49,7 @@ def _rows(result: dict[str, Any], specs: list[str], comps: list[str | None]) -> 
     return rows
 
 
+@holds_lock("bench folder")
 def bench_embeddings(models: list[str], methods: list[str], out: str | Path, *, benchmarks=None,
                      analogies: Any = DEFAULT_ANALOGIES, pair_words: int = 2000, seed: int = 0, force: bool = False,
                      log=print) -> dict[str, Any]:
@@ -57,7 +59,7 @@ def bench_embeddings(models: list[str], methods: list[str], out: str | Path, *, 
 
     for m in methods:
         parse_pipeline(m)  # a bad method string fails before any model is loaded
-    out = prepare_out_dir(out, force=force)
+    out = check_out_dir(out, force=force)  # the files are written, all at once, at the end
     seed_everything(seed)
     specs, labels, comps = [], [], []
     for model in models:

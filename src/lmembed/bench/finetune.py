@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.files import read_json, write_json
+from ..common.locks import holds_lock
 from ..common.report import markdown_table, plot_curves, write_text
 from ..compression import compress, save
 from ..compression.api import check_method
@@ -33,6 +34,7 @@ from ..tasks import TextTask
 from ..training.finetune import FinetuneConfig, _settings, finetune, mean_std, open_run_dir, pm
 
 DEFAULT_METHODS = "dense,svd:128,ae:128,int8,int4"
+BENCH_FILES = ("settings.json", "rows", "runs", "models", "bench_finetune.json", "bench_finetune.md", "*.png")
 
 
 def slug(method: str) -> str:
@@ -40,6 +42,7 @@ def slug(method: str) -> str:
     return f"{s}-{hashlib.sha1(method.encode()).hexdigest()[:6]}"
 
 
+@holds_lock("bench folder")
 def bench_finetune(model_spec: str, task: TextTask, out: str | Path, *, methods: str = DEFAULT_METHODS,
                    seeds: list[int], config: FinetuneConfig | None = None, split_seed: int = 0,
                    compress_seed: int = 0, force: bool = False, progress: bool | None = None,
@@ -63,7 +66,7 @@ def bench_finetune(model_spec: str, task: TextTask, out: str | Path, *, methods:
     out = Path(out)
     # seeds are not a setting: a bench rerun with more seeds reuses the cached ones and adds the rest
     settings = {**_settings(model_spec, task, cfg), "compress_seed": compress_seed}
-    open_run_dir(out, settings, force=force, what="finetune bench")
+    open_run_dir(out, settings, force=force, what="finetune bench", owned=BENCH_FILES)
     rows = []
     for method in method_list:
         path = out / "rows" / f"{slug(method)}.json"

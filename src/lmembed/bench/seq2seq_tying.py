@@ -15,7 +15,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..common.files import prepare_out_dir, write_json
+from ..common.files import bench_dir, write_json
+from ..common.locks import holds_lock
 from ..common.report import markdown_table, plot_curves, write_text
 from ..config import SEQ2SEQ_TIE_MODES, Seq2SeqConfig
 from ..data.parallel import load_parallel
@@ -26,16 +27,15 @@ from ..training.seq2seq import train_seq2seq
 PAPER_REDUCTION = 0.52  # Press & Wolf 2017: three-way tying "reduces model size by about half" (~52 %)
 
 
+@holds_lock("bench folder")
 def bench_seq2seq_tying(base: Seq2SeqConfig, out: str | Path, *, shared_vocab: bool = True, force: bool = False,
                         progress: bool | None = None, log=print, modes: tuple[str, ...] = SEQ2SEQ_TIE_MODES
                         ) -> dict[str, Any]:
     """Train one run per tie mode (reusing finished ones, resuming interrupted ones) and write
     tying-seq2seq.{json,md,png} in `out`."""
-    out = Path(out)
-    if force:
-        prepare_out_dir(out, force=True)
-    out.mkdir(parents=True, exist_ok=True)
     text = load_parallel(base.data)
+    out = bench_dir(out, force=force, owned=(*SEQ2SEQ_TIE_MODES, "tying-seq2seq.json", "tying-seq2seq.md",
+                                              "tying-seq2seq.png"))
     rows: list[dict[str, Any]] = []
     for tie in modes:
         cfg = dataclasses.replace(base, tie=tie, shared_vocab=shared_vocab or tie == "three-way")

@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..common.files import prepare_out_dir, write_json
+from ..common.files import bench_dir, write_json
+from ..common.locks import holds_lock
 from ..common.report import markdown_table, plot_curves, write_text
 from ..config import RunConfig, paper_proj_reg
 from ..data.bundled import TextOptions
@@ -17,6 +18,7 @@ from ..training.lm import train
 from ..training.runs import finished_metrics
 
 COMBOS = (("untied", "none", False), ("tied", "tied", False), ("untied+PR", "none", True), ("tied+PR", "tied", True))
+BENCH_FILES = (*(c[0] for c in COMBOS), "tying.json", "tying.md", "tying.png")
 
 # Press & Wolf 2017, Table 6 (PTB, small = 2x200 without dropout): params, valid, test perplexity.
 PAPER_SMALL = {"untied": (4.65e6, 120.7, 114.5), "tied": (2.65e6, 117.5, 112.4),
@@ -33,17 +35,15 @@ def pick_combos(names: str) -> tuple:
     return tuple(c for c in COMBOS if c[0] in wanted)
 
 
+@holds_lock("bench folder")
 def bench_tying(base: RunConfig, out: str | Path, *, proj_reg: float | None = None, force: bool = False,
                 progress: bool | None = None, log=print, combos: tuple = COMBOS,
                 analysis: bool = True) -> dict[str, Any]:
     """Train the four combinations (reusing/resuming finished ones) and write tying.{json,md,png};
     with `analysis`, each row also gets the word-similarity and effective-rank columns of U and V."""
-    out = Path(out)
     pr = paper_proj_reg(base.batch_size, base.bptt) if proj_reg is None else proj_reg
-    if force:
-        prepare_out_dir(out, force=True)
-    out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(base.data, options=TextOptions.of(base))
+    out = bench_dir(out, force=force, owned=BENCH_FILES)
     is_ptb = any(p.name.startswith("ptb.") for p in corpus.files.get("train", []))
     rows = []
     for name, tie, with_pr in combos:

@@ -11,35 +11,49 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 from .._version import __version__
+from ..common.runtime import tune_allocator
 from ..errors import LmembedError
 
 COMMANDS = ("train", "eval", "compress", "export", "analyze", "finetune", "train_seq2seq", "bench", "info")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with lmembed's error format: one line, no usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"lmembed: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmembed",
-        description="Tie, compress and measure the token embeddings of language models.",
-    )
+    parser = Parser(prog="lmembed", description="Tie, compress and measure the token embeddings of language models.")
     parser.add_argument("--version", action="version", version=f"lmembed {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()
+    if not sys.stderr.isatty():  # logs and pipes get lmembed's lines, not transformers' progress bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # imported already: its switch was read at import
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error (Parser.error)
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
     except LmembedError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"lmembed: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted (the last finished epoch's checkpoint is kept; continue with --resume)", file=sys.stderr)
@@ -48,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LMEMBED_DEBUG"):
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"lmembed: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..common.files import prepare_out_dir
+from ..common.files import check_out_dir
+from ..common.locks import locked
 from ..common.report import markdown_table
 from ..common.runtime import seed_everything
 from ..errors import LmembedError
@@ -50,7 +51,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     if args.neighbours < 1 or args.pair_words < 2:
         raise LmembedError("--neighbours must be >= 1 and --pair-words >= 2")
-    out = prepare_out_dir(args.out, force=args.force)
+    out = check_out_dir(args.out, force=args.force)  # written, all at once, once the analysis is done
+    with locked(out, "analysis folder"):
+        return _run(args, out)
+
+
+def _run(args, out) -> int:
     seed_everything(args.seed)
     words = [w.strip() for w in args.words.split(",") if w.strip()] if args.words else None
     analogies = None if str(args.analogies).lower() == "none" else args.analogies

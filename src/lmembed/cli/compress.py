@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..common.files import check_out_dir, json_bytes
+from ..common.locks import locked
 from ..common.report import markdown_table
 from ..common.runtime import seed_everything
 from ..compression import compress, save
@@ -47,8 +48,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     as_pipeline(args.method)  # a typo fails here, before the model loads
-    if str(args.model).endswith(".gguf") or str(args.out).endswith(".gguf"):
-        return _run_gguf(args)
+    with locked(args.out, "output"):  # one writer for the whole command
+        if str(args.model).endswith(".gguf") or str(args.out).endswith(".gguf"):
+            return _run_gguf(args)
+        return _run_save(args)
+
+
+def _run_save(args) -> int:
     seed_everything(args.seed)
     check_out_dir(args.out, force=args.force)  # refuse early, before any heavy work
     subject = load_subject(args.model, text=args.eval_text, max_tokens=args.max_tokens,

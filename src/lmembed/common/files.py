@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fnmatch
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import LmembedError
+from .faults import fault_point
 
 
 def current_umask() -> int:
@@ -111,8 +113,12 @@ def check_out_dir(out: str | Path, *, force: bool) -> Path:
     return out
 
 
-def prepare_out_dir(out: str | Path, *, force: bool, resume: bool = False, marker: str = "config.json") -> Path:
-    """Refuse to write into a non-empty directory unless --force (wipe) or --resume (continue)."""
+def prepare_out_dir(out: str | Path, *, force: bool, owned: tuple[str, ...], resume: bool = False,
+                    marker: str = "config.json") -> Path:
+    """Make OUT ready for a command that writes the entries `owned` (names or glob patterns).
+
+    Call it once every input is checked: a non-empty folder needs --force (or --resume), and
+    --force removes only lmembed's own entries there, never a user's other files."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LmembedError(f"{out}: exists and is not a directory")
@@ -120,14 +126,36 @@ def prepare_out_dir(out: str | Path, *, force: bool, resume: bool = False, marke
         if resume:
             return out
         if not force:
-            raise LmembedError(f"{out}: directory is not empty; pass --force to overwrite or --resume to continue")
-        import shutil
-
-        shutil.rmtree(out)
+            raise LmembedError(f"{out}: directory is not empty; pass --force to replace what lmembed wrote there, "
+                               "or --resume to continue")
+        remove_owned(out, owned)
     elif resume:
         raise LmembedError(f"{out}: nothing to resume ({marker} not found)")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def bench_dir(out: str | Path, *, force: bool, owned: tuple[str, ...]) -> Path:
+    """A bench's folder: reused as it is (finished rows are kept and the bench resumes) unless
+    --force, which removes only the bench's own entries. Call it once the inputs are checked."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LmembedError(f"{out}: exists and is not a directory")
+    if force and out.is_dir():
+        remove_owned(out, owned)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def remove_owned(out: Path, owned: tuple[str, ...]) -> list[str]:
+    """Delete the entries of `out` that match `owned` (lmembed's own names and patterns, and
+    its temp files); returns what was removed."""
+    gone = []
+    for entry in sorted(out.iterdir()):
+        if any(fnmatch.fnmatchcase(entry.name, pat) for pat in (*owned, ".*.tmp", ".*.lmembed-new-*")):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            gone.append(entry.name)
+    return gone
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -167,6 +195,7 @@ def publish_dir(tmp: Path, out: Path, owned: set[str]) -> None:
         os.rmdir(old)
         os.replace(out, old)
         os.replace(tmp, out)
+    fault_point("save:switched")
     for entry in sorted(old.iterdir()):
         if entry.name not in owned and not (out / entry.name).exists():
             os.replace(entry, out / entry.name)

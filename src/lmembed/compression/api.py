@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from torch import nn
 from ..common.runtime import pick_device
 from ..errors import LmembedError
 from .calibrate import DEFAULT_TOKENS, CalibStats, calibrate
-from .fit_quality import matrix_stats
+from .fit_quality import content_hash, matrix_stats
 from .hf import Sites, find_sites, install, resolve_side
 from .modules import CompressedEmbedding, DenseEmbedding
 from .registry import FitContext, Method, as_pipeline, pipeline_text
@@ -33,7 +32,9 @@ def run_pipeline(methods: list[Method], weight: torch.Tensor, ctx: FitContext, t
     key = (text, _fingerprint(weight), ctx.seed, ctx.side, calib) if cache is not None else None
     if cache is not None and key in cache:
         return copy.deepcopy(cache[key])
-    module: CompressedEmbedding = DenseEmbedding(weight.detach())
+    # the starting matrix shares the model's storage: a fit never writes to it, and compress may
+    # hold only one extra copy of the matrix (its own temporaries, bounded by row chunks)
+    module: CompressedEmbedding = DenseEmbedding.wrap(nn.Parameter(weight.detach(), requires_grad=False))
     ctx.weight = weight.detach()
     for m in methods:
         module = apply_stage(m, module, ctx)
@@ -45,7 +46,7 @@ def run_pipeline(methods: list[Method], weight: torch.Tensor, ctx: FitContext, t
 
 def _fingerprint(weight: torch.Tensor) -> str:
     """Content hash of a matrix (copies of a model share fits; identity would not survive deepcopy)."""
-    return hashlib.sha1(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return content_hash(weight)
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _matrix_report(role: str, weight: torch.Tensor, module: CompressedEmbedding,
     return {
         "role": role, "shape": list(weight.shape), "kind": module.kind, "stored_bytes": stored,
         "dense_bytes": v0 * weight.shape[1] * weight.element_size(), "ratio": dense_fp32 / stored,
-        "ratio_fp16": dense_fp32 / 2 / stored, **matrix_stats(weight, module.dense(), seed=seed),
+        "ratio_fp16": dense_fp32 / 2 / stored, **matrix_stats(weight, module.lookup, seed=seed),
     }
 
 

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LmembedError
+from .fit_quality import content_hash
 from .hf import find_sites
 
 DEFAULT_TOKENS = 16_384
@@ -116,7 +117,7 @@ def calibrate(model: torch.nn.Module, calib: Any, *, tokenizer: Any = None, toke
     v, d = sites.input_weight.shape
     ids, source = calibration_ids(calib, tokenizer, v, tokens)
     key = hashlib.sha1()
-    key.update(sites.input_weight.detach().float().cpu().numpy().tobytes())
+    key.update(content_hash(sites.input_weight).encode())  # read in place, no copy of the matrix
     key.update(ids.numpy().tobytes())
     key.update(f"{window}:{sample}:{seed}".encode())
     path = _cache_dir() / f"{key.hexdigest()[:20]}.pt"

@@ -21,6 +21,7 @@ import torch
 from ..errors import LmembedError
 from .autoencoder import AutoEncoder, init_name
 from .modules import (
+    FIT_ROWS,
     CompressedEmbedding,
     FactorizedEmbedding,
     QuantizedEmbedding,
@@ -40,7 +41,7 @@ from .registry import (
     positive_int,
     register,
 )
-from .svd import check_rank, top_right_singular_vectors
+from .svd import GRAM_ROWS, check_rank, gram_matrix, top_right_singular_vectors
 
 # Arguments every calibrated method shares.
 MIX = Arg("mix", fraction, 1.0, "tied matrices: weight of the output role (1 - mix: input role)")
@@ -80,29 +81,38 @@ class WeightedSVD(Method):
     def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
         self.check(*weight.shape)
         calib = need_calib(self, ctx)
-        w = weight.detach().double().cpu()
+        w = weight.detach().cpu()
         m = metric_for(self, ctx, w.shape[1])
         chol = torch.linalg.cholesky(m)  # M = L Lᵀ: ||ΔE L||² is the weighted error
         r = calib.row_weights(ctx.side, mix=self.mix, floor=self.floor).double().sqrt()
         if len(r) != w.shape[0]:
             raise LmembedError(f"method {self.text!r}: calibration has {len(r)} tokens, the matrix {w.shape[0]} rows")
-        x = r[:, None] * (w @ chol)
-        vk = top_right_singular_vectors(x, self.rank)  # d x k, in the whitened space
-        codes = w @ chol @ vk  # the row weights cancel in the reconstruction
+        # the right singular vectors of X = diag(r) W L, from its Gram matrix (X is never built)
+        vk = top_right_singular_vectors(w, self.rank, gram=gram_matrix(w, chol, r)).double()
+        proj = chol @ vk  # codes = W L Vk: the row weights cancel in the reconstruction
+        codes = torch.cat([(c.double() @ proj).float() for c in w.split(GRAM_ROWS)])
         decoder = torch.linalg.solve_triangular(chol.t(), vk, upper=True).t()  # Vkᵀ L⁻¹
-        return FactorizedEmbedding(codes.float(), decoder.float())
+        return FactorizedEmbedding(codes, decoder.float())
 
 
 def gptq_rows(weight: torch.Tensor, metric: torch.Tensor, bits: int, group: int, block: int = 128,
               grid: str = "int", clip: bool = False) -> QuantizedEmbedding:
-    """GPTQ rounding of every row of a V x d matrix against the column metric (d x d, damped)."""
-    v, d = weight.shape
-    block = max(group, block // group * group)  # groups never straddle blocks
+    """GPTQ rounding of every row of a V x d matrix against the column metric (d x d, damped).
+    Rows are independent given the metric: they are rounded a chunk at a time."""
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(metric))
     u = torch.linalg.cholesky(hinv, upper=True).float()
-    w = weight.detach().float().cpu().clone()
-    n_groups = math.ceil(d / group)
-    scales = torch.zeros(v, n_groups, dtype=torch.float16)
+    parts = [_gptq_chunk(c, u, bits, group, max(group, block // group * group), grid, clip)
+             for c in weight.detach().split(FIT_ROWS)]
+    return QuantizedEmbedding(torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts]), bits=bits,
+                              group_size=group, embedding_dim=weight.shape[1], grid=grid)
+
+
+def _gptq_chunk(chunk: torch.Tensor, u: torch.Tensor, bits: int, group: int, block: int, grid: str,
+                clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, fp16 scales) of some rows; blocks of columns never split a group."""
+    v, d = chunk.shape
+    w = chunk.float().cpu().clone()
+    scales = torch.zeros(v, math.ceil(d / group), dtype=torch.float16)
     q = torch.zeros(v, d, dtype=torch.int32)
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
@@ -122,7 +132,7 @@ def gptq_rows(weight: torch.Tensor, metric: torch.Tensor, bits: int, group: int,
             w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
             err1[:, j] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return QuantizedEmbedding(pack_bits(q, bits), scales, bits=bits, group_size=group, embedding_dim=d, grid=grid)
+    return pack_bits(q, bits), scales
 
 
 class GPTQ(Method):

@@ -1,41 +1,77 @@
-"""How close a fitted matrix stays to the original, row by row (every compress report has it)."""
+"""How close a fitted matrix stays to the original, row by row (every compress report has it).
+
+Everything is computed a chunk of rows at a time: the reconstruction is never materialised
+whole, so measuring a fit costs no extra copy of the matrix.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 KNN = 10  # neighbours compared per query row
 KNN_QUERIES = 1000  # rows whose neighbourhoods are compared (a seeded sample)
+ROW_CHUNK = 4096  # rows per step of every pass over a matrix
+
+Rows = Callable[[torch.Tensor], torch.Tensor]  # row ids -> those rows (e.g. a compressed module's lookup)
+
+
+def content_hash(t: torch.Tensor) -> str:
+    """sha1 of a tensor's values, read in place (no copy of a float32 CPU tensor)."""
+    a = t.detach().float().cpu().contiguous().numpy()
+    return hashlib.sha1(np.ascontiguousarray(a).view(np.uint8).data).hexdigest()
+
+
+def _chunks(n: int) -> list[torch.Tensor]:
+    return [torch.arange(s, min(s + ROW_CHUNK, n)) for s in range(0, n, ROW_CHUNK)]
 
 
 @torch.no_grad()
-def matrix_stats(original: torch.Tensor, approx: torch.Tensor, *, knn: int = KNN, queries: int = KNN_QUERIES,
+def matrix_stats(original: torch.Tensor, approx: torch.Tensor | Rows, *, knn: int = KNN, queries: int = KNN_QUERIES,
                  seed: int = 0) -> dict[str, float]:
-    """Relative Frobenius error, mean row cosine, and k-NN@knn overlap (cosine neighbours of
-    `queries` random rows among all rows, original vs approximation; 1.0 = same neighbours)."""
-    a, b = original.detach().float().cpu(), approx.detach().float().cpu()
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    rel = ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
-    cos = F.cosine_similarity(a, b, dim=-1, eps=1e-12)
-    v = a.shape[0]
+    """Relative Frobenius error, mean and min row cosine, and k-NN@knn overlap (cosine neighbours
+    of `queries` random rows among all rows, original vs approximation; 1.0 = same neighbours).
+    `approx` is a matrix or a function giving its rows by id."""
+    rows_b = approx if callable(approx) else (lambda ids: approx[ids])
+    a_of = lambda ids: original[ids].detach().float().cpu()  # noqa: E731
+    b_of = lambda ids: rows_b(ids.to(original.device)).detach().float().cpu()  # noqa: E731
+    v = original.shape[0]
+    if not callable(approx) and approx.shape != original.shape:
+        raise ValueError(f"shapes differ: {tuple(original.shape)} vs {tuple(approx.shape)}")
+    err = ref = cos_sum = 0.0
+    cos_min = float("inf")
+    for ids in _chunks(v):
+        a, b = a_of(ids), b_of(ids)
+        err += (a - b).double().pow(2).sum().item()
+        ref += a.double().pow(2).sum().item()
+        cos = F.cosine_similarity(a, b, dim=-1, eps=1e-12)
+        cos_sum, cos_min = cos_sum + cos.double().sum().item(), min(cos_min, cos.min().item())
     k = min(knn, v - 1)
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randperm(v, generator=g)[: min(queries, v)]
-    overlap = knn_overlap(a, b, q, k) if k > 0 else float("nan")
-    return {"rel_fro_error": rel, "mean_row_cosine": cos.mean().item(), "min_row_cosine": cos.min().item(),
-            f"knn{knn}_overlap": overlap}
+    q = torch.randperm(v, generator=torch.Generator().manual_seed(seed))[: min(queries, v)]
+    overlap = knn_overlap(a_of, b_of, v, q, k) if k > 0 else float("nan")
+    return {"rel_fro_error": (err / max(ref, 1e-60)) ** 0.5, "mean_row_cosine": cos_sum / v,
+            "min_row_cosine": cos_min, f"knn{knn}_overlap": overlap}
 
 
-def _neighbours(m: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
-    mn = F.normalize(m, dim=-1)
-    sims = mn[q] @ mn.t()
-    sims[torch.arange(len(q)), q] = -float("inf")  # a row is not its own neighbour
-    return sims.topk(k, dim=-1).indices
+def _neighbours(rows: Rows, v: int, q: torch.Tensor, k: int) -> torch.Tensor:
+    """The k cosine neighbours of each query row among all v rows (a row is not its own): one
+    pass over the rows, keeping a running top-k, so each row is produced once."""
+    qn = F.normalize(rows(q), dim=-1)
+    best_v = torch.full((len(q), k), -float("inf"))
+    best_i = torch.zeros((len(q), k), dtype=torch.long)
+    for ids in _chunks(v):
+        sims = qn @ F.normalize(rows(ids), dim=-1).t()  # queries x chunk
+        sims[q[:, None] == ids[None, :]] = -float("inf")
+        vals, pos = torch.cat([best_v, sims], 1).topk(k, dim=-1)
+        best_v, best_i = vals, torch.cat([best_i, ids.expand(len(q), -1)], 1).gather(1, pos)
+    return best_i
 
 
-def knn_overlap(a: torch.Tensor, b: torch.Tensor, q: torch.Tensor, k: int) -> float:
-    na, nb = _neighbours(a, q, k), _neighbours(b, q, k)
+def knn_overlap(rows_a: Rows, rows_b: Rows, v: int, q: torch.Tensor, k: int) -> float:
+    na, nb = _neighbours(rows_a, v, q, k), _neighbours(rows_b, v, q, k)
     hits = sum(len(set(x.tolist()) & set(y.tolist())) for x, y in zip(na, nb, strict=True))
     return hits / (len(q) * k)

@@ -23,6 +23,8 @@ the old save or the new one, never half of one; a user's other files in the fold
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
-from ..common.files import publish_dir, read_json, sha256_file, staging_dir, write_json
+from ..common.faults import fault_point
+from ..common.files import json_bytes, publish_dir, read_json, sha256_file, staging_dir, write_json
+from ..common.locks import holds_lock
 from ..errors import LmembedError
 from ..models.skeleton import assign_state, empty_parameters
 from .hf import compressed_modules, drop_hf_ties, find_sites, install, set_module
-from .modules import CompressedEmbedding, CompressedHead, DenseEmbedding, build_module
+from .modules import FLOAT_DTYPES, CompressedEmbedding, CompressedHead, DenseEmbedding, build_module
 
 MANIFEST, WEIGHTS = "lmembed.json", "model.safetensors"
 FORMAT = 2
@@ -76,6 +80,7 @@ def _model_dtype(model: nn.Module) -> str:
 
 
 # --- save -----------------------------------------------------------------------------------------
+@holds_lock("save folder")
 def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, force: bool = False,
          report: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a (compressed) model folder. A non-empty folder needs `force`, which replaces only
@@ -102,7 +107,9 @@ def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, force: boo
             (tmp / name).write_bytes(data)
         manifest.update(report=report, files={f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                                               for f in sorted(tmp.iterdir()) if f.is_file()})
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         write_json(tmp / MANIFEST, manifest)
+        fault_point("save:staged")
         publish_dir(tmp, out, owned=old_files | {f.name for f in tmp.iterdir()})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -199,12 +206,58 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
 
 
 # --- load -----------------------------------------------------------------------------------------
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest without its own digest: an edit of any field is caught."""
+    return hashlib.sha256(json_bytes({k: v for k, v in manifest.items() if k != "manifest_sha256"})).hexdigest()
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
-    manifest = read_json(folder / MANIFEST, f"lmembed manifest (is {folder} a folder written by lmembed.save?)")
+    """lmembed.json, checked field by field before anything is built from it."""
+    where = folder / MANIFEST
+    manifest = read_json(where, f"lmembed manifest (is {folder} a folder written by lmembed.save?)")
     if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS or not isinstance(
             manifest.get("modules"), list):
-        raise LmembedError(f"{folder / MANIFEST}: not an lmembed manifest of format {FORMAT}")
+        raise LmembedError(f"{where}: not an lmembed manifest of format {FORMAT}")
+    if manifest["format"] >= 2 and manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise LmembedError(f"{where}: checksum mismatch (the manifest changed after lmembed wrote it)")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise LmembedError(f"{where}: {problem}")
     return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's fields, or None."""
+    if m.get("model_kind") not in ("transformers", "lmembed"):
+        return f"model_kind {m.get('model_kind')!r} is not 'transformers' or 'lmembed'"
+    if m.get("layout", "compressed") not in ("compressed", "plain") or m.get("dtype", "float32") not in FLOAT_DTYPES:
+        return f"layout {m.get('layout')!r} or dtype {m.get('dtype')!r} is not one lmembed writes"
+    for e in m["modules"]:
+        if not isinstance(e, dict) or not isinstance(e.get("spec"), dict) or not all(
+                isinstance(e.get(k), list) and all(isinstance(p, str) for p in e[k])
+                for k in ("input_paths", "head_paths")):
+            return "a module entry needs a spec object and lists of module paths"
+    aliases, sentinels = m.get("aliases") or {}, m.get("sentinels") or []
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()) or not isinstance(
+            sentinels, list) or not all(isinstance(k, str) for k in sentinels):
+        return "aliases must map tensor names to tensor names, sentinels list tensor names"
+    files = m.get("files") or {}
+    if not isinstance(files, dict):
+        return "files must map file names to their sha256 and size"
+    for name, rec in files.items():
+        if Path(name).name != name or name.startswith(".") or not isinstance(rec, dict) or not SHA256.fullmatch(
+                str(rec.get("sha256"))) or not isinstance(rec.get("bytes"), int):
+            return f"files entry {name!r} must be a plain file name with its sha256 and size"
+    vocab = m.get("vocab")
+    if vocab is not None:
+        kept, n = (vocab.get("kept"), vocab.get("original_vocab")) if isinstance(vocab, dict) else (None, None)
+        if not isinstance(n, int) or not isinstance(kept, list) or not all(
+                isinstance(i, int) and 0 <= i < n for i in kept):
+            return "vocab must hold original_vocab and the kept ids below it"
+    return None
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
@@ -223,7 +276,14 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 def _config_class(folder: Path, manifest: dict) -> tuple[type, Any]:
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    from ..models.pretrained import read_config
+
+    read_config(folder / "config.json")  # types and sizes checked before anything is built
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LmembedError(f"{folder / 'config.json'}: not a usable transformers config "
+                           f"({' '.join(str(e).split())[:200]})") from None
     arch = (getattr(config, "architectures", None) or [manifest.get("model_class")])[0]
     cls = getattr(transformers, arch or "", None)
     if cls is None:
@@ -241,7 +301,7 @@ def _skeleton(manifest: dict, folder: Path) -> nn.Module:
         with empty_parameters():
             model = cls(config)
         if (folder / "generation_config.json").exists() and hasattr(model, "generation_config"):
-            model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+            model.generation_config = transformers.GenerationConfig.from_pretrained(folder, trust_remote_code=False)
         return model
     if kind == "lmembed":
         from ..config import RunConfig
@@ -256,13 +316,35 @@ def _skeleton(manifest: dict, folder: Path) -> nn.Module:
     raise LmembedError(f"{folder / MANIFEST}: model_kind {kind!r} is not 'transformers' or 'lmembed'")
 
 
+MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+
+
+def _site(model: nn.Module, path: Any, where: str) -> nn.Module:
+    """The module a manifest path names: a plain dotted name of an embedding or linear layer of
+    this architecture (never an arbitrary attribute)."""
+    if not isinstance(path, str) or not MODULE_PATH.fullmatch(path):
+        raise LmembedError(f"{where}: module path {path!r} is not a dotted module name")
+    try:
+        site = model.get_submodule(path)
+    except AttributeError:
+        raise LmembedError(f"{where}: {type(model).__name__} has no module {path!r}") from None
+    if not isinstance(site, (nn.Embedding, nn.Linear, CompressedEmbedding, CompressedHead)) and not hasattr(
+            site, "weight"):
+        raise LmembedError(f"{where}: {path!r} is a {type(site).__name__}, not an embedding or output layer")
+    return site
+
+
 def install_saved_modules(model: nn.Module, entries: list[dict], where: str) -> None:
     """Empty compressed modules at the recorded paths: one object per matrix, at all its paths."""
     replaced = []
     for i, entry in enumerate(entries):
         try:
             spec, in_paths, head_paths = entry["spec"], entry["input_paths"], entry["head_paths"]
-            with empty_parameters():
+            if not isinstance(in_paths, list) or not isinstance(head_paths, list) or not in_paths + head_paths:
+                raise LmembedError("input_paths and head_paths must be lists of module paths")
+            for p in in_paths + head_paths:
+                _site(model, p, where)
+            with torch.device("meta"):  # nothing allocated, whatever sizes the spec claims
                 module = build_module(spec)
             for p in in_paths:
                 set_module(model, p, module)

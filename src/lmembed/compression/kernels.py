@@ -27,21 +27,51 @@ from pathlib import Path
 
 import torch
 
-# At most this many hidden states per call go through the kernel (decoding, short prompts); more
-# are a matrix-matrix product, where dequantising chunks for BLAS is faster.
-KERNEL_MAX_ROWS = 32
+# At most this many hidden states per call take the row-by-row kernel (decoding); more are a
+# matrix-matrix product, where rows decoded a chunk at a time (decode_rows) feed a BLAS matmul.
+KERNEL_MAX_ROWS = 2
+DECODE_ROWS = 2048  # rows per decoded chunk: a 2048 x d float buffer, reused through the matrix
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
          "-shared", "-fPIC"]
 
 SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+/* Scales are fp16 as stored (half = 1) or float32 (half = 0, computed ones). */
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {  /* subnormal: normalise */
+            exp = 113;
+            while (!(man & 1024)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 1023) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
+    else bits = sign | ((exp + 112) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline float scale_at(const void *s, int half, int64_t i) {
+    return half ? half_to_float(((const uint16_t *)s)[i]) : ((const float *)s)[i];
+}
 
 /* The fp32 values of one row: (code + shift) * scale of its group, or code * scale + offset when
    the group has an offset; codes are `bits` wide, packed little-endian (int4: two per byte, low
    nibble first). */
-static void decode_row(const uint8_t *p, const float *s, const float *o, float *w, int d, int bits, int group,
-                       float shift) {
+static void decode_row(const uint8_t *p, const void *s, int half, int64_t s0, const float *o, float *w, int d,
+                       int bits, int group, float shift) {
     if (bits == 4) {
         for (int j = 0; j < d / 2; j++) {
             w[2 * j] = (float)(p[j] & 15);
@@ -60,7 +90,7 @@ static void decode_row(const uint8_t *p, const float *s, const float *o, float *
     }
     for (int k0 = 0, g = 0; k0 < d; k0 += group, g++) {
         int end = k0 + group < d ? k0 + group : d;
-        float sc = s[g];
+        float sc = scale_at(s, half, s0 + g);
         if (o) {
             float off = o[g];
             for (int k = k0; k < end; k++) w[k] = w[k] * sc + off;
@@ -71,8 +101,8 @@ static void decode_row(const uint8_t *p, const float *s, const float *o, float *
 }
 
 /* out[m, v] = sum_k w(v, k) * h[m, k] for V rows and M hidden states. */
-int packed_logits(const uint8_t *codes, const float *scales, const float *offsets, const float *h, float *out,
-                  int64_t V, int d, int row_bytes, int bits, int group, int M, float shift, int threads) {
+int packed_logits(const uint8_t *codes, const void *scales, int half, const float *offsets, const float *h,
+                  float *out, int64_t V, int d, int row_bytes, int bits, int group, int M, float shift, int threads) {
     int ng = (d + group - 1) / group, failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -84,7 +114,7 @@ int packed_logits(const uint8_t *codes, const float *scales, const float *offset
         #pragma omp for schedule(static)
         for (int64_t v = 0; v < V; v++) {
             if (!w) continue;
-            decode_row(codes + v * row_bytes, scales + v * ng, offsets ? offsets + v * ng : 0, w, d, bits, group,
+            decode_row(codes + v * row_bytes, scales, half, v * ng, offsets ? offsets + v * ng : 0, w, d, bits, group,
                        shift);
             for (int m = 0; m < M; m++) {
                 const float *hm = h + (int64_t)m * d;
@@ -96,6 +126,79 @@ int packed_logits(const uint8_t *codes, const float *scales, const float *offset
         free(w);
     }
     return failed;
+}
+
+/* One hidden state against codes that need no decoding buffer (decoding: M = 1 or 2). The
+   dot product of a group of codes with h is taken on the codes themselves, then scaled:
+   sum_g s_g * (sum_k code_k h_k + shift * sum_k h_k); hs holds the per-group sums of h. */
+#ifdef __AVX2__
+static inline __m256 to_float8(__m128i bytes) {  /* the low 8 unsigned bytes as 8 floats */
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+/* 32 int4 codes (16 bytes, low nibble first) dotted with 32 floats. */
+static inline float dot32_int4(const uint8_t *p, const float *h) {
+#ifdef __AVX2__
+    __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+    __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    __m128i a0 = _mm_unpacklo_epi8(lo, hi), a1 = _mm_unpackhi_epi8(lo, hi);  /* codes in order */
+    __m256 acc = _mm256_mul_ps(to_float8(a0), _mm256_loadu_ps(h));
+    acc = _mm256_fmadd_ps(to_float8(_mm_srli_si128(a0, 8)), _mm256_loadu_ps(h + 8), acc);
+    acc = _mm256_fmadd_ps(to_float8(a1), _mm256_loadu_ps(h + 16), acc);
+    acc = _mm256_fmadd_ps(to_float8(_mm_srli_si128(a1, 8)), _mm256_loadu_ps(h + 24), acc);
+    return hsum8(acc);
+#else
+    float acc = 0.f;
+    for (int j = 0; j < 16; j++) acc += (float)(p[j] & 15) * h[2 * j] + (float)(p[j] >> 4) * h[2 * j + 1];
+    return acc;
+#endif
+}
+
+static inline float dot_int8(const uint8_t *p, const float *h, int n) {
+    float acc = 0.f;
+    for (int k = 0; k < n; k++) acc += (float)p[k] * h[k];
+    return acc;
+}
+
+/* The fp32 values of V rows, into out (V x d): the dequantised matrix, a chunk at a time. */
+void decode_rows(const uint8_t *codes, const void *scales, int half, const float *offsets, float *out, int64_t V,
+                 int d, int row_bytes, int bits, int group, float shift, int threads) {
+    int ng = (d + group - 1) / group;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t v = 0; v < V; v++)
+        decode_row(codes + v * row_bytes, scales, half, v * ng, offsets ? offsets + v * ng : 0, out + v * d, d, bits,
+                   group, shift);
+}
+
+/* bits 4 (groups and d multiples of 32) or 8 (any group). */
+void fused_logits(const uint8_t *codes, const void *scales, int half, const float *h, const float *hs, float *out,
+                  int64_t V, int d, int row_bytes, int bits, int group, int M, float shift, int threads) {
+    int ng = (d + group - 1) / group;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t v = 0; v < V; v++) {
+        const uint8_t *p = codes + v * row_bytes;
+        for (int m = 0; m < M; m++) {
+            const float *hm = h + (int64_t)m * d;
+            float acc = 0.f;
+            for (int g = 0, k0 = 0; g < ng; g++, k0 += group) {
+                int n = k0 + group < d ? group : d - k0;
+                float dot = 0.f;
+                if (bits == 4)
+                    for (int k = k0; k < k0 + n; k += 32) dot += dot32_int4(p + k / 2, hm + k);
+                else
+                    dot = dot_int8(p + k0, hm + k0, n);
+                acc += scale_at(scales, half, v * ng + g) * (dot + shift * hs[(int64_t)m * ng + g]);
+            }
+            out[(int64_t)m * V + v] = acc;
+        }
+    }
 }
 """
 
@@ -138,10 +241,47 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"lmembed: packed-code kernel unavailable, using the slower PyTorch path ({e})", stacklevel=2)
         return None
     lib.packed_logits.restype = ctypes.c_int
-    lib.packed_logits.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_int] * 5 + [
-        ctypes.c_float, ctypes.c_int]
+    ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.packed_logits.argtypes = [ptr, ptr, i32, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32]
+    lib.decode_rows.restype = None
+    lib.decode_rows.argtypes = [ptr, ptr, i32, ptr, ptr, i64, i32, i32, i32, i32, f32, i32]
+    lib.fused_logits.restype = None
+    lib.fused_logits.argtypes = [ptr, ptr, i32, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32, i32]
     _library = lib
     return lib
+
+
+def _fused(bits: int, group: int, d: int, offsets: torch.Tensor | None) -> bool:
+    """Whether the in-place dot products serve: int8 codes, or int4 in whole 32s."""
+    return offsets is None and (bits == 8 or (bits == 4 and group % 32 == 0 and d % 32 == 0))
+
+
+def _usable(packed: torch.Tensor, bits: int, *tensors: torch.Tensor | None) -> bool:
+    """On the CPU, at most 8 bits, and no gradient wanted through any tensor."""
+    return packed.device.type == "cpu" and bits <= 8 and not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
+
+
+def decode(packed: torch.Tensor, scales: torch.Tensor, dim: int, *, bits: int, group: int, shift: float = 0.0,
+           offsets: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The float32 rows (V x dim) of packed codes, exactly as lmembed's PyTorch path gives them,
+    into `out` when given (a buffer reused across chunks: no fresh pages to fault in); None when
+    the kernel cannot serve (then the caller decodes with PyTorch)."""
+    lib = library() if _usable(packed, bits, scales, offsets) else None
+    if lib is None:
+        return None
+    codes, (sc, half) = packed.contiguous(), _scales(scales)
+    o32 = offsets.detach().float().contiguous() if offsets is not None else None
+    out = torch.empty(codes.shape[0], dim, dtype=torch.float32) if out is None else out[: codes.shape[0]]
+    lib.decode_rows(codes.data_ptr(), sc.data_ptr(), half, o32.data_ptr() if o32 is not None else None,
+                    out.data_ptr(), codes.shape[0], dim, codes.shape[1], bits, group, shift, torch.get_num_threads())
+    return out
+
+
+def _scales(scales: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """fp16 scales as they are (read and converted in C: no fp32 copy per call), others as fp32."""
+    s = scales.detach()
+    return (s.contiguous(), 1) if s.dtype == torch.float16 else (s.float().contiguous(), 0)
 
 
 def packed_logits(packed: torch.Tensor, scales: torch.Tensor, h: torch.Tensor, *, bits: int, group: int,
@@ -149,19 +289,23 @@ def packed_logits(packed: torch.Tensor, scales: torch.Tensor, h: torch.Tensor, *
     """h (M, d) @ E.T from packed codes and per-group scales (V x groups), as float32 (M, V); a
     value is (code + shift) * scale, or code * scale + offset with per-group `offsets`. None when
     the kernel cannot serve this call (not on the CPU, too many rows, gradients needed, no kernel)."""
-    if (packed.device.type != "cpu" or h.shape[0] > KERNEL_MAX_ROWS or bits > 8
-            or (torch.is_grad_enabled() and (h.requires_grad or scales.requires_grad))):
+    if h.shape[0] > KERNEL_MAX_ROWS or not _usable(packed, bits, h, scales, offsets):
         return None
     lib = library()
     if lib is None:
         return None
-    codes = packed.contiguous()
-    s32 = scales.detach().float().contiguous()
+    codes, (sc, half) = packed.contiguous(), _scales(scales)
     o32 = offsets.detach().float().contiguous() if offsets is not None else None
     x = h.detach().float().contiguous()
     v, d = codes.shape[0], x.shape[1]
     out = torch.empty(x.shape[0], v, dtype=torch.float32)
-    failed = lib.packed_logits(codes.data_ptr(), s32.data_ptr(), o32.data_ptr() if o32 is not None else None,
+    if _fused(bits, group, d, offsets):
+        ng = -(-d // group)
+        hs = torch.nn.functional.pad(x, (0, ng * group - d)).view(x.shape[0], ng, group).sum(-1).contiguous()
+        lib.fused_logits(codes.data_ptr(), sc.data_ptr(), half, x.data_ptr(), hs.data_ptr(), out.data_ptr(), v, d,
+                         codes.shape[1], bits, group, x.shape[0], shift, torch.get_num_threads())
+        return out
+    failed = lib.packed_logits(codes.data_ptr(), sc.data_ptr(), half, o32.data_ptr() if o32 is not None else None,
                                x.data_ptr(), out.data_ptr(), v, d, codes.shape[1], bits, group, x.shape[0], shift,
                                torch.get_num_threads())
     return None if failed else out

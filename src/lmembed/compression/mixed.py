@@ -23,7 +23,7 @@ import torch
 
 from ..errors import LmembedError
 from .calibrated import DAMP, FLOOR, MIX, gptq_rows, metric_for, need_calib
-from .modules import CompressedEmbedding, QuantizedEmbedding, build_module, register_module
+from .modules import FIT_ROWS, CompressedEmbedding, QuantizedEmbedding, build_module, register_module
 from .quantize import CLIP, GRID
 from .registry import (
     Arg,
@@ -49,6 +49,8 @@ class MixedQuantizedEmbedding(CompressedEmbedding):
 
     def _index(self) -> None:
         """Derived (not stored): each row's slot within its class, and each class's rows."""
+        if self.row_class.is_meta:  # built to be loaded into: derived once the real map arrives
+            return
         cls = self.row_class.long()
         slot = torch.zeros_like(cls)
         self._rows = []
@@ -107,9 +109,13 @@ _choices.show = lambda v: "-".join(map(str, v))  # type: ignore[attr-defined]
 
 def row_costs(weight: torch.Tensor, quantized: QuantizedEmbedding, row_weight: torch.Tensor,
               metric: torch.Tensor) -> torch.Tensor:
-    """w_v · ΔE_v M ΔE_vᵀ for every row (float64)."""
-    diff = (weight.double() - quantized.dense().double())
-    return row_weight.double() * ((diff @ metric.double()) * diff).sum(1)
+    """w_v · ΔE_v M ΔE_vᵀ for every row (float64), a chunk of rows at a time."""
+    costs = []
+    for s in range(0, weight.shape[0], FIT_ROWS):
+        ids = torch.arange(s, min(s + FIT_ROWS, weight.shape[0]))
+        diff = weight[ids].double() - quantized.lookup(ids).double()
+        costs.append(((diff @ metric.double()) * diff).sum(1))
+    return row_weight.double() * torch.cat(costs)
 
 
 def allocate(costs: torch.Tensor, bits_per_row: torch.Tensor, budget: float) -> torch.Tensor:
@@ -144,6 +150,11 @@ class Mixed(Method):
         Arg("choices", _choices, (2, 3, 4, 8), "allowed widths, e.g. 3-4-8"),
         MIX, DAMP, FLOOR, GRID, CLIP,
     )
+
+    def check_args(self) -> None:
+        if self.avg <= min(self.choices):
+            raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
+                               f"({min(self.choices)} bits, before its scales and the row map)")
 
     def check(self, num_embeddings: int, dim: int) -> None:
         if self.group > dim:

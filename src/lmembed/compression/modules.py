@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmembedError
-from .kernels import packed_logits
+from .kernels import DECODE_ROWS, decode, packed_logits
 
 # Rows dequantised at a time when computing logits: bounds the temporary to chunk x d floats.
 LOGIT_CHUNK = 8192
@@ -264,17 +264,26 @@ class QuantizedEmbedding(CompressedEmbedding):
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self._rows(self.packed[ids], self.scales[ids], torch.float32)
 
+    def _shift(self) -> float:
+        return (0.5 if self.grid == "half" else 0.0) - (1 << (self.bits - 1))
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Few hidden states (decoding): the packed-code kernel reads each row's codes once;
         many (a prompt): chunks of rows dequantised for a BLAS matmul."""
         flat = h.reshape(-1, self.embedding_dim)
-        shift = (0.5 if self.grid == "half" else 0.0) - (1 << (self.bits - 1))
-        fast = packed_logits(self.packed, self.scales, flat, bits=self.bits, group=self.group_size, shift=shift)
+        fast = packed_logits(self.packed, self.scales, flat, bits=self.bits, group=self.group_size,
+                             shift=self._shift())
         if fast is not None:
             return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
         out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
-        for s in range(0, self.num_embeddings, LOGIT_CHUNK):
-            w = self._rows(self.packed[s : s + LOGIT_CHUNK], self.scales[s : s + LOGIT_CHUNK], h.dtype)
+        buf = torch.empty(min(DECODE_ROWS, self.num_embeddings), self.embedding_dim)
+        step = DECODE_ROWS if decode(self.packed[:1], self.scales[:1], self.embedding_dim, bits=self.bits,
+                                     group=self.group_size, out=buf) is not None else LOGIT_CHUNK
+        for s in range(0, self.num_embeddings, step):
+            e = slice(s, s + step)
+            w = decode(self.packed[e], self.scales[e], self.embedding_dim, bits=self.bits, group=self.group_size,
+                       shift=self._shift(), out=buf)
+            w = w.to(h.dtype) if w is not None else self._rows(self.packed[e], self.scales[e], h.dtype)
             out[..., s : s + w.shape[0]] = h @ w.t()
         return out
 
@@ -302,11 +311,19 @@ def group_scales(x: torch.Tensor, bits: int, grid: str, clip: bool = False) -> t
     return best
 
 
+FIT_ROWS = 4096  # rows quantised at a time: the temporaries stay a small fraction of the matrix
+
+
 def quantize_rows(x: torch.Tensor, bits: int, group_size: int, grid: str = "int",
                   clip: bool = False) -> QuantizedEmbedding:
-    """Round-to-nearest symmetric quantisation of a V x d matrix (the RTN baseline)."""
-    scales, q = rtn_codes(x, bits, group_size, grid, clip)
-    return QuantizedEmbedding(pack_bits(q, bits), scales, bits=bits, group_size=group_size,
+    """Round-to-nearest symmetric quantisation of a V x d matrix (the RTN baseline), in chunks of
+    rows (each row's codes depend on that row alone)."""
+    packed, scales = [], []
+    for chunk in x.split(FIT_ROWS):
+        s, q = rtn_codes(chunk, bits, group_size, grid, clip)
+        packed.append(pack_bits(q, bits))
+        scales.append(s)
+    return QuantizedEmbedding(torch.cat(packed), torch.cat(scales), bits=bits, group_size=group_size,
                               embedding_dim=x.shape[1], grid=grid)
 
 
@@ -352,15 +369,39 @@ for _cls in (DenseEmbedding, FactorizedEmbedding, QuantizedEmbedding):
     register_module(_cls)
 
 
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what a saved dtype string may name
+SPEC_LIMITS = {"num_embeddings": 1 << 24, "embedding_dim": 1 << 20, "rank": 1 << 20, "bits": 8, "group_size": 1 << 20,
+               "original_vocab": 1 << 24}
+
+
+def check_spec(spec: Any) -> None:
+    """The fields every spec shares, checked before anything is built from it (a manifest can be
+    edited): sizes are integers in range, dtypes come from an allow-list, the scale is finite."""
+    if not isinstance(spec, dict):
+        raise LmembedError(f"compressed module spec must be a JSON object, not {type(spec).__name__}")
+    for key, limit in SPEC_LIMITS.items():
+        v = spec.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit):
+            raise LmembedError(f"compressed module spec: {key} = {v!r}; expected an integer in 1..{limit}")
+    for key in ("out_dtype", "dtype"):
+        if key in spec and spec[key] not in FLOAT_DTYPES:
+            raise LmembedError(f"compressed module spec: {key} = {spec[key]!r}; expected one of "
+                               f"{', '.join(FLOAT_DTYPES)}")
+    scale = spec.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise LmembedError(f"compressed module spec: scale = {scale!r}; expected a finite number")
+
+
 def build_module(spec: dict[str, Any]) -> CompressedEmbedding:
     """An empty module of the right kind and shapes, to load saved tensors into."""
+    check_spec(spec)
     kind = spec.get("kind")
     if kind not in MODULE_KINDS:
         raise LmembedError(f"unknown compressed module kind {kind!r}: expected one of {', '.join(MODULE_KINDS)}")
     try:
         module = MODULE_KINDS[kind].empty(spec)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, IndexError) as e:
         raise LmembedError(f"compressed module spec of kind {kind!r} is malformed ({type(e).__name__}: {e})") from None
-    module.method = spec.get("method", "")
+    module.method = str(spec.get("method", ""))
     module.out_dtype = getattr(torch, spec.get("out_dtype", "float32"))
     return module

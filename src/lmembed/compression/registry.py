@@ -98,6 +98,10 @@ class Method:
         if missing:
             raise LmembedError(f"method {self.name}: missing {', '.join(missing)} (usage: {_usage(type(self))})")
         self.text = text or str(self)
+        self.check_args()
+
+    def check_args(self) -> None:
+        """Reject settings that cannot work for any matrix (checked when the method is made)."""
 
     def values(self) -> dict[str, Any]:
         return {a.name: getattr(self, a.name) for a in (*self.positional, *self.options)}

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LmembedError
-from .kernels import KERNEL_MAX_ROWS, packed_logits
+from .kernels import KERNEL_MAX_ROWS, decode, packed_logits
 from .modules import (
     LOGIT_CHUNK,
     CompressedEmbedding,
@@ -122,15 +122,17 @@ class SuperBlockEmbedding(CompressedEmbedding):
         """Few hidden states: the packed-code kernel (lmembed.compression.kernels); many: chunks
         of dequantised rows for a BLAS matmul."""
         flat = h.reshape(-1, self.embedding_dim)
-        s, m = self._group_params(self.subs, self.supers) if flat.shape[0] <= KERNEL_MAX_ROWS else (None, None)
-        fast = packed_logits(self.codes, s, flat, bits=self.bits, group=self.group_size, offsets=-m) \
-            if s is not None else None
-        if fast is not None:
-            return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
+        if flat.shape[0] <= KERNEL_MAX_ROWS:
+            s, m = self._group_params(self.subs, self.supers)
+            fast = packed_logits(self.codes, s, flat, bits=self.bits, group=self.group_size, offsets=-m)
+            if fast is not None:
+                return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
         out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
         for s0 in range(0, self.num_embeddings, LOGIT_CHUNK):
             e = slice(s0, s0 + LOGIT_CHUNK)
-            w = self._rows(self.codes[e], self.subs[e], self.supers[e]).to(h.dtype)
+            s, m = self._group_params(self.subs[e], self.supers[e])
+            w = decode(self.codes[e], s, self.embedding_dim, bits=self.bits, group=self.group_size, offsets=-m)
+            w = (w if w is not None else self._rows(self.codes[e], self.subs[e], self.supers[e])).to(h.dtype)
             out[..., s0 : s0 + w.shape[0]] = h @ w.t()
         return out
 

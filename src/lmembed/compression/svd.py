@@ -8,15 +8,31 @@ from ..errors import LmembedError
 from .modules import CompressedEmbedding, FactorizedEmbedding
 from .registry import Arg, FitContext, Method, positive_int, register
 
+GRAM_ROWS = 4096  # rows per step of the Gram matrix: float64 temporaries stay small
 
-def top_right_singular_vectors(weight: torch.Tensor, rank: int) -> torch.Tensor:
+
+def gram_matrix(weight: torch.Tensor, transform: torch.Tensor | None = None,
+                row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """XᵀX in float64 for X = diag(row_scale) · W · transform, a chunk of rows at a time (X is
+    never held whole)."""
+    d = weight.shape[1] if transform is None else transform.shape[1]
+    gram = torch.zeros(d, d, dtype=torch.float64, device=weight.device)
+    for s in range(0, weight.shape[0], GRAM_ROWS):
+        x = weight[s : s + GRAM_ROWS].detach().double()
+        if transform is not None:
+            x = x @ transform
+        if row_scale is not None:
+            x = x * row_scale[s : s + GRAM_ROWS, None]
+        gram += x.t() @ x
+    return gram
+
+
+def top_right_singular_vectors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None = None) -> torch.Tensor:
     """d x k: the top-k right singular vectors of a tall V x d matrix.
 
     Through the d x d Gram matrix in float64 (V·d² work, then a d x d eigensolve): much faster
     than a full SVD of the V x d matrix and accurate for the leading directions."""
-    w = weight.detach().double()
-    gram = w.t() @ w
-    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    _, vecs = torch.linalg.eigh(gram_matrix(weight) if gram is None else gram)  # ascending eigenvalues
     return vecs[:, -rank:].flip(-1).to(weight.dtype if weight.dtype.is_floating_point else torch.float32)
 
 

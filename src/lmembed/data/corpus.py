@@ -18,6 +18,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -255,13 +256,38 @@ def _ensure_dir(p: Path) -> Path:
     return p
 
 
+CHECK_CHUNK = 1 << 24  # ids checked at a time when a cache is opened
+
+
 def _load_cached(name: str, cache_dir: Path, files: dict[str, list[Path]]) -> Corpus:
+    """A token cache, checked (a damaged or edited one is rebuilt by the caller): sizes match the
+    metadata and every id is within the vocabulary (an id beyond it would index out of bounds)."""
     meta = read_json(cache_dir / "meta.json", "corpus cache metadata")
     tok = load_tokenizer(cache_dir / "tokenizer.json")
+    counts = meta.get("counts") if isinstance(meta, dict) else None
+    if not isinstance(counts, dict) or set(counts) != set(files):
+        raise LmembedError(f"{cache_dir / 'meta.json'}: corpus cache is damaged (split counts)")
     splits = {}
-    for s, n in meta["counts"].items():
+    for s, n in counts.items():
         path = cache_dir / f"{s}.bin"
-        if not path.exists() or path.stat().st_size != n * np.dtype(ID_DTYPE).itemsize:
+        if not isinstance(n, int) or not path.exists() or path.stat().st_size != n * np.dtype(ID_DTYPE).itemsize:
             raise LmembedError(f"{path}: corpus cache is damaged")
-        splits[s] = np.memmap(path, dtype=ID_DTYPE, mode="r", shape=(n,))
+        ids = np.memmap(path, dtype=ID_DTYPE, mode="r", shape=(n,))
+        for c in range(0, n, CHECK_CHUNK):
+            part = ids[c : c + CHECK_CHUNK]
+            if len(part) and (int(part.min()) < 0 or int(part.max()) >= tok.vocab_size):
+                raise LmembedError(f"{path}: corpus cache holds ids outside the vocabulary of {tok.vocab_size}")
+        splits[s] = ids
     return Corpus(name=name, tokenizer=tok, splits=splits, files=files, cache_dir=cache_dir)
+
+
+def recorded_corpus(recorded: Any, given: str | None, where: str, bundled_names: Any = bundled.REGISTRY) -> str:
+    """The corpus to read for a saved run: the one the user names, else the run's own when it is
+    a bundled name. A folder read from a file is never followed (it could send lmembed to read,
+    and cache into, any folder): the user names it."""
+    if given:
+        return given
+    if isinstance(recorded, str) and recorded in bundled_names:
+        return recorded
+    raise LmembedError(f"{where}: the run was trained on {recorded!r}; pass --data {recorded} to use that corpus "
+                       "(lmembed does not follow paths read from files)")

@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import LmembedError
 
@@ -211,22 +212,38 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
     write_json(path, tok.to_dict())
 
 
-def tokenizer_from_dict(d: dict, where: str = "tokenizer") -> Tokenizer:
+MAX_VOCAB = 1 << 24  # the largest vocabulary a tokenizer file may declare (16.7M words)
+
+
+def tokenizer_from_dict(d: Any, where: str = "tokenizer") -> Tokenizer:
+    """A tokenizer from its JSON form, every field checked (a file may have been edited)."""
+    if not isinstance(d, dict):
+        raise LmembedError(f"{where}: expected a JSON object, got {type(d).__name__}")
     kind = d.get("kind")
     if kind == "word":
-        return WordTokenizer(d["itos"], split=d.get("split", "whitespace"), lowercase=d.get("lowercase", False))
+        itos = d.get("itos")
+        if not isinstance(itos, list) or not 0 < len(itos) <= MAX_VOCAB or not all(isinstance(w, str) for w in itos):
+            raise LmembedError(f"{where}: 'itos' must be a list of 1..{MAX_VOCAB} words (strings)")
+        split, lowercase = d.get("split", "whitespace"), d.get("lowercase", False)
+        if split not in ("whitespace", "words") or not isinstance(lowercase, bool):
+            raise LmembedError(f"{where}: 'split' must be whitespace or words and 'lowercase' true or false")
+        return WordTokenizer(itos, split=split, lowercase=lowercase)
     if kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
-        return BPETokenizer(HFTokenizer.from_str(json.dumps(d["tokenizer"])))
+        if not isinstance(d.get("tokenizer"), dict):
+            raise LmembedError(f"{where}: 'tokenizer' must be the JSON object of a byte-level BPE")
+        try:
+            tok = HFTokenizer.from_str(json.dumps(d["tokenizer"]))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception type
+            raise LmembedError(f"{where}: not a valid BPE tokenizer ({' '.join(str(e).split())[:160]})") from None
+        if not 0 < tok.get_vocab_size() <= MAX_VOCAB:
+            raise LmembedError(f"{where}: BPE vocabulary of {tok.get_vocab_size()} tokens; expected 1..{MAX_VOCAB}")
+        return BPETokenizer(tok)
     raise LmembedError(f"{where}: unknown tokenizer kind {kind!r} (expected 'word' or 'bpe')")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     from ..common.files import read_json
 
-    d = read_json(path, "tokenizer file")
-    try:
-        return tokenizer_from_dict(d, str(path))
-    except (KeyError, TypeError) as e:
-        raise LmembedError(f"{path}: malformed tokenizer file (missing {e})") from None
+    return tokenizer_from_dict(read_json(path, "tokenizer file"), str(path))

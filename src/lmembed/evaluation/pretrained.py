@@ -52,12 +52,12 @@ def causal_ppl(model, ids: torch.Tensor, *, window: int = 512, stride: int | Non
     model.eval()
     device = next(model.parameters()).device
     window = min(window, context_length(model))
-    if stride is not None:
-        stride = min(stride, window)
     b = max(1, min(batch, len(ids) // (window + 1) or 1))
     n = len(ids) // b
     rows = ids[: b * n].view(b, n).to(device)
-    window = min(window, n - 1)
+    window = min(window, n - 1)  # a short text: one window over all of it
+    if stride is not None:
+        stride = min(stride, window)
     nll, count = window_nll(lambda x: model(input_ids=x).logits, rows, window=window, stride=stride,
                            progress=progress)
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count}

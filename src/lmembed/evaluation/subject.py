@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..data.bundled import TextOptions
-from ..data.corpus import load_corpus
+from ..data.corpus import load_corpus, recorded_corpus
 from ..data.texts import load_text
 from ..errors import LmembedError
 from .fidelity import sentence_embeddings, sentence_fidelity
@@ -79,7 +79,8 @@ def _run_subject(opened: Opened, text: str | None) -> Subject:
     """An lmembed LM (a run, or a compressed save of one): perplexity on its corpus' split."""
     model, tok, cfg = opened.model, opened.tokenizer, opened.run_config
     spec, _, split = (text or "").partition(":")
-    corpus = load_corpus(spec or cfg.data, options=TextOptions.of(cfg), tokenizer=tok)
+    spec = recorded_corpus(cfg.data, spec, f"{opened.source}/config.json")
+    corpus = load_corpus(spec, options=TextOptions.of(cfg), tokenizer=tok)
     ids = corpus.split(split or "test")
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:

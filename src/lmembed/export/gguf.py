@@ -330,7 +330,7 @@ def _load_tokenizer(src: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        return AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False)
     except (OSError, ValueError, KeyError, ImportError) as e:
         raise LmembedError(f"src {src}: transformers cannot build its tokenizer ({str(e).splitlines()[0][:160]}); "
                            "a trim stage needs it") from None

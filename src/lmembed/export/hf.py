@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..common.files import check_out_dir, publish_dir, staging_dir
+from ..common.locks import holds_lock
 from ..compression.io import load, read_manifest
 from ..compression.plain import plain_modules
 from ..errors import LmembedError
@@ -17,6 +18,7 @@ from ..errors import LmembedError
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 
 
+@holds_lock("export folder")
 def export_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, force: bool = False) -> dict:
     """A plain transformers folder (config, safetensors, tokenizer) of an lmembed save: every
     compressed matrix replaced by its dense reconstruction, in `dtype` (default: the model's).

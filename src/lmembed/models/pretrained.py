@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..common.files import read_json
 from ..data.bundled import package_dir
 from ..errors import LmembedError
 
@@ -86,8 +88,8 @@ def _dequantised_copy(m: BundledModel, gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     except ImportError as e:
         raise LmembedError(f"loading {m.name} needs extra packages: {m.install_hint} ({e})") from None
     from safetensors.torch import save_file
@@ -129,9 +131,7 @@ def _task_class(folder: str, gguf: str | None, task: str):
     if task != "auto":
         raise LmembedError(f"task {task!r}: expected auto, causal-lm, masked-lm or base")
     cfg_path = Path(folder) / "config.json"
-    archs: list[str] = []
-    if cfg_path.exists():
-        archs = json.loads(cfg_path.read_text()).get("architectures") or []
+    archs = (read_config(cfg_path).get("architectures") or []) if cfg_path.exists() else []
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return tf.AutoModelForCausalLM
     if any(a.endswith("ForMaskedLM") for a in archs):
@@ -142,21 +142,59 @@ def _task_class(folder: str, gguf: str | None, task: str):
 
 
 def load_pretrained(spec: str, *, task: str = "auto", device: str = "cpu", **kwargs: Any):
-    """(model in eval mode, tokenizer). `task` auto picks the head from config.architectures."""
+    """(model in eval mode, tokenizer). `task` auto picks the head from config.architectures.
+    Code shipped with a model (a config's auto_map) is never run, and nobody is asked."""
     folder, gguf = resolve_model(spec)
+    if not gguf and (Path(folder) / "config.json").is_file():
+        read_config(Path(folder) / "config.json")  # types and sizes checked before anything is built
     from transformers import AutoTokenizer
 
     cls = _task_class(folder, gguf, task)
     extra = {"gguf_file": gguf} if gguf else {}
     try:
-        tok = AutoTokenizer.from_pretrained(folder, **extra)
-        model = cls.from_pretrained(folder, **extra, **kwargs)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **extra)
+        model = cls.from_pretrained(folder, trust_remote_code=False, **extra, **kwargs)
     except OSError as e:
         raise LmembedError(
-            f"{spec}: cannot load model ({str(e).splitlines()[0][:200]}); give a local folder, a bundled name "
+            f"{spec}: cannot load model ({_first_line(e)}); give a local folder, a bundled name "
             f"({', '.join(BUNDLED_MODELS)}) or a hub id with network access"
         ) from None
+    except pickle.UnpicklingError as e:
+        raise LmembedError(f"{spec}: a weights file holds pickled code, which lmembed refuses to run "
+                           f"({_first_line(e)})") from None
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise LmembedError(f"{spec}: cannot load model ({type(e).__name__}: {_first_line(e)})") from None
     return model.to(device).eval(), tok
+
+
+def _first_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:240]
+
+
+# Largest value each size field of a transformers config may take: a tampered or mistyped config
+# (num_hidden_layers = 10**6) is refused before building it, not after an hour of allocating.
+SIZE_LIMITS = {
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers",
+                     "decoder_layers"), 4096),
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "intermediate_size", "d_ff", "n_inner", "d_kv"), 1 << 20),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_heads", "num_key_value_heads"), 1 << 16),
+    "vocab_size": 1 << 24,
+    **dict.fromkeys(("max_position_embeddings", "n_positions"), 1 << 24),
+}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A transformers config.json, checked: a JSON object with a model_type and sizes in range."""
+    cfg = read_json(path, "model config")
+    if not isinstance(cfg, dict):
+        raise LmembedError(f"{path}: expected a JSON object (a transformers config), got {type(cfg).__name__}")
+    if not isinstance(cfg.get("model_type", ""), str) or not cfg.get("model_type"):
+        raise LmembedError(f"{path}: no model_type (not a transformers config)")
+    for key, limit in SIZE_LIMITS.items():
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= limit):
+            raise LmembedError(f"{path}: {key} = {v!r}; expected an integer in 0..{limit}")
+    return cfg
 
 
 def context_length(model, default: int = 1 << 30) -> int:

@@ -11,6 +11,7 @@ train-seq2seq` write, read back here (training writes them, evaluation and compr
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ CONFIG, TOKENIZER, CHECKPOINT, WEIGHTS, METRICS = (
     "config.json", "tokenizer.json", "checkpoint.pt", "model.safetensors", "metrics.json")
 TOKENIZER_SRC, TOKENIZER_TGT = "tokenizer.src.json", "tokenizer.tgt.json"
 COMPRESSED_MANIFEST = "lmembed.json"  # a folder written by lmembed.save (lmembed.compression.io)
+# Every entry a training run writes in its folder (what --force may replace; nothing else is touched).
+RUN_FILES = (CONFIG, TOKENIZER, TOKENIZER_SRC, TOKENIZER_TGT, CHECKPOINT, WEIGHTS, METRICS, "report.md", "curves.png",
+             "eval-*.json", "eval-*.md", "test.greedy.txt", "test.beam.txt")
 
 
 def run_kind(folder: str | Path) -> str | None:
@@ -75,6 +79,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LmembedError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError as e:
+        detail = " ".join(str(e).split())[:120]
+        raise LmembedError(f"{path}: holds pickled objects other than tensors (code can hide in them), which lmembed "
+                           f"refuses to load ({detail}); delete it or rerun with --force") from None
     except Exception as e:
         raise LmembedError(f"{path}: checkpoint is corrupt or truncated ({type(e).__name__}); "
                            "delete it or rerun with --force to start over") from None

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common.files import prepare_out_dir, read_json, write_json
+from ..common.files import read_json, remove_owned, write_json
+from ..common.locks import holds_lock
 from ..common.report import fmt, markdown_table, plot_curves, write_text
 from ..common.runtime import pick_device, seed_everything
 from ..compression.modules import CompressedEmbedding, DenseEmbedding, FactorizedEmbedding, QuantizedEmbedding
@@ -49,6 +50,8 @@ from ..evaluation.classification import classification_metrics
 from ..evaluation.targets import open_model
 from ..tasks import SPLITS, Split, TextTask, load_task
 from .loop import run_steps
+
+FINETUNE_FILES = ("settings.json", "seeds", "finetune.json", "finetune.md", "curves.png", "loss.png")
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -367,11 +370,15 @@ def _settings(model_spec: str | Path, task: TextTask, cfg: FinetuneConfig) -> di
     return json.loads(json.dumps({"model": str(model_spec), "task": task.summary(), "config": cfg.to_dict()}))
 
 
-def open_run_dir(out: Path, settings: dict[str, Any], *, force: bool, what: str) -> None:
-    """A fresh folder, or one holding the same settings (resume); anything else needs --force."""
+def open_run_dir(out: Path, settings: dict[str, Any], *, force: bool, what: str,
+                 owned: tuple[str, ...] = FINETUNE_FILES) -> None:
+    """A fresh folder, or one holding the same settings (resume); anything else needs --force,
+    which removes only the entries `owned` (a user's other files stay)."""
     marker = out / "settings.json"
-    if force:
-        prepare_out_dir(out, force=True)
+    if out.exists() and not out.is_dir():
+        raise LmembedError(f"{out}: exists and is not a directory")
+    if force and out.is_dir():
+        remove_owned(out, owned)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not marker.is_file():
             raise LmembedError(f"{out}: not empty and not a {what} folder; pass --force to overwrite it")
@@ -382,6 +389,7 @@ def open_run_dir(out: Path, settings: dict[str, Any], *, force: bool, what: str)
     write_json(marker, settings)
 
 
+@holds_lock("finetune folder")
 def finetune(model: str | Path, task: str | TextTask, out: str | Path, *, config: FinetuneConfig | None = None,
              seeds: Sequence[int] = (0,), split_seed: int = 0, task_options: dict[str, Any] | None = None,
              force: bool = False, progress: bool | None = None, log=print) -> dict[str, Any]:

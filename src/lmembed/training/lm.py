@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,17 @@ import numpy as np
 import torch
 
 from ..common.files import write_json
+from ..common.locks import locked
 from ..common.report import markdown_table, run_report
 from ..common.runtime import count_params, seed_everything
 from ..config import RunConfig
 from ..data.batching import StreamBatches
 from ..data.bundled import TextOptions
-from ..data.corpus import Corpus, load_corpus
+from ..data.corpus import Corpus, load_corpus, recorded_corpus
 from ..data.vocab import load_tokenizer, save_tokenizer
 from ..errors import LmembedError
 from ..evaluation.perplexity import autocast_for, lm_nll, ppl
-from ..models import build_model
+from ..models import build_model, check_fits_memory
 from ..models.store import CONFIG, METRICS, TOKENIZER, WEIGHTS, load_run, load_weights
 from . import dist
 from .loop import EpochLoop, diverged_in_epoch, lr_at, make_optimizer, run_steps
@@ -69,7 +71,8 @@ def train(
         log = _quiet
         progress = False
     try:
-        return _train(cfg, Path(out), env, device, force, resume, corpus, progress, log, stop_after_epoch)
+        with locked(out, "run directory") if env.is_main else nullcontext():
+            return _train(cfg, Path(out), env, device, force, resume, corpus, progress, log, stop_after_epoch)
     finally:
         dist.cleanup(env)
 
@@ -81,12 +84,12 @@ def _quiet(msg: str) -> None:
 def _train(cfg: RunConfig, out: Path, env: dist.DistEnv, device: torch.device, force: bool, resume: bool,
            corpus: Corpus | None, progress: bool | None, log: Callable[[str], None],
            stop_after_epoch: int | None) -> dict[str, Any]:
-    resume = start_run(cfg, out, resume=resume, force=force, resumable=RESUMABLE_CHANGES, env=env)
-    seed_everything(cfg.seed)
-
     if corpus is None:  # rank 0 builds the token cache, the others then read it
         dist.on_main(lambda: load_corpus(cfg.data, options=TextOptions.of(cfg)) and None, env)
         corpus = load_corpus(cfg.data, options=TextOptions.of(cfg))
+    check_fits_memory(cfg, corpus.vocab_size)  # every input checked before the run folder is touched
+    resume = start_run(cfg, out, resume=resume, force=force, resumable=RESUMABLE_CHANGES, env=env)
+    seed_everything(cfg.seed)
     if resume:
         _check_vocab(corpus, out)
     train_ids = corpus.train if cfg.train_tokens is None else corpus.train[: cfg.train_tokens]
@@ -205,7 +208,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, split: str = "
                  progress: bool = False) -> dict[str, Any]:
     """Perplexity of a run's best weights on a split of its own corpus or another one (same vocab)."""
     model, tok, cfg = load_run(run_dir, device)
-    corpus = load_corpus(data or cfg.data, options=TextOptions.of(cfg), tokenizer=tok)
+    spec = recorded_corpus(cfg.data, data, f"{Path(run_dir) / CONFIG}")
+    corpus = load_corpus(spec, options=TextOptions.of(cfg), tokenizer=tok)
     dev = next(model.parameters()).device
     nll, n = lm_nll(model, corpus.split(split), batch_size=cfg.eval_batch_size, bptt=cfg.bptt, device=dev,
                     amp=cfg.amp, progress=progress)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..common.faults import fault_point
 from ..common.files import write_json
 from ..errors import LmembedError, TrainingDiverged
 from ..models.store import CHECKPOINT, METRICS, WEIGHTS, load_checkpoint, save_weights
@@ -207,6 +208,7 @@ class EpochLoop:
                 })
                 write_json(self.out / METRICS, {**self.info, "epochs": epoch, "history": self.history,
                                                      "finished": False})
+                fault_point("train:epoch")
             self.log(describe(row, improved))
             if stop_after_epoch is not None and epoch >= stop_after_epoch and epoch < cfg.epochs and steps_left != 0:
                 dist.barrier(env)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..common.files import atomic_torch_save, prepare_out_dir, read_json
+from ..common.files import atomic_torch_save, prepare_out_dir, read_json, remove_owned
 from ..errors import LmembedError
-from ..models.store import CHECKPOINT, CONFIG, METRICS
+from ..models.store import CHECKPOINT, CONFIG, METRICS, RUN_FILES
 from . import dist
 
 
@@ -30,14 +30,19 @@ def check_resume(cfg: Any, out: Path, resumable: set[str]) -> None:
 
 def start_run(cfg: Any, out: Path, *, resume: bool, force: bool, resumable: set[str],
               env: dist.DistEnv | None = None) -> bool:
-    """True when continuing a checkpointed run; otherwise OUT is made ready (empty, or --force)."""
+    """True when continuing a checkpointed run; otherwise OUT is made ready (empty, or --force,
+    which removes only a run's own files). Call it once the inputs are checked.
+
+    --resume of a run killed before its first checkpoint starts it again (same config), instead
+    of refusing the folder it left."""
     env = env or dist.DistEnv()
-    resume = resume and (out / CHECKPOINT).exists()
-    if resume:
+    if resume and (out / CONFIG).exists():
         check_resume(cfg, out, resumable)
-    else:
-        dist.on_main(lambda: prepare_out_dir(out, force=force), env)
-    return resume
+        if (out / CHECKPOINT).exists():
+            return True
+        dist.on_main(lambda: remove_owned(out, RUN_FILES) and None, env)
+    dist.on_main(lambda: prepare_out_dir(out, force=force, owned=RUN_FILES), env)
+    return False
 
 
 def finished_metrics(run: Path, cfg: Any) -> dict[str, Any] | None:

@@ -24,10 +24,13 @@ import numpy as np
 import torch
 
 from ..common.files import read_json, write_json
+from ..common.locks import locked
 from ..common.report import markdown_table, run_report, write_text
 from ..common.runtime import count_params, pick_device, seed_everything
 from ..config import Seq2SeqConfig
+from ..data.corpus import recorded_corpus
 from ..data.parallel import (
+    PARALLEL_REGISTRY,
     ParallelText,
     batch_order,
     build_vocabularies,
@@ -102,11 +105,16 @@ def train_seq2seq(
 
     stop_after_epoch simulates an interruption after that epoch's checkpoint (tests)."""
     cfg.validate()
-    out = Path(out)
+    with locked(out, "run directory"):
+        return _train_seq2seq(cfg, Path(out), force, resume, text, progress, log, stop_after_epoch)
+
+
+def _train_seq2seq(cfg: Seq2SeqConfig, out: Path, force: bool, resume: bool, text: ParallelText | None,
+                   progress: bool | None, log: Callable[[str], None], stop_after_epoch: int | None) -> dict[str, Any]:
     device = pick_device(cfg.device)
+    text = text or load_parallel(cfg.data)  # the corpus is checked before the run folder is touched
     resume = start_run(cfg, out, resume=resume, force=force, resumable=RESUMABLE_CHANGES)
     seed_everything(cfg.seed)
-    text = text or load_parallel(cfg.data)
     src_tok, tgt_tok = _vocabularies(cfg, text, out, resume)
     data = encode_splits(text, src_tok, tgt_tok, cfg)
 
@@ -286,7 +294,7 @@ def evaluate_seq2seq_run(run_dir: str | Path, *, data: str | None = None, split:
                          beam: int | None = None, device: str = "auto", progress: bool = False) -> dict[str, Any]:
     """Perplexity, BLEU and chrF of a run's best weights on a split (beam 1 = greedy)."""
     model, src_tok, tgt_tok, cfg = load_seq2seq_run(run_dir, device)
-    text = load_parallel(data or cfg.data)
+    text = load_parallel(recorded_corpus(cfg.data, data, f"{Path(run_dir) / CONFIG}", PARALLEL_REGISTRY))
     if split not in text.splits:
         raise LmembedError(f"--split {split}: expected one of {', '.join(text.splits)}")
     pairs = encode_splits(text, src_tok, tgt_tok, cfg)[split]
