@@ -5,8 +5,10 @@ dense vs compressed, in one run (ratios against the dense model measured alongsi
     python benchmarks/runtime.py --models smollm2 --methods int4:g32 --out runs/rt --bf16 --compile
 
 Every variant runs in a fresh process (one at a time, so they never compete for the cores):
-RSS right after loading, the peak RSS of the process up to then (load included), and RSS after
-a 1 x TOKENS forward and a greedy generate of GENERATE tokens (every weight touched). The dense
+RSS right after loading, the peak RSS of the process up to then (load included), RSS after a
+1 x TOKENS forward and a greedy generate of GENERATE tokens, and RSS once every embedding row has
+been looked up (weights are memory-mapped: an encoder's dense embedding costs memory only for
+the rows it has met, so the comparison that counts is with every row touched, as a server's is). The dense
 model is transformers' own from_pretrained of the fp32 folder; compressed ones are lmembed.load
 of a save written first (calibrated methods calibrate on --calib). `lmembed compress`'s own
 peak is measured the same way: the RSS it adds over the loaded dense model, against the bytes
@@ -77,7 +79,11 @@ def worker(spec: dict) -> dict:
             model.generate(prompt, **kw)
             gen = min(_time(lambda: model.generate(prompt, **kw)) for _ in range(spec["repeats"]))
             res["generate_tok_s"] = spec["generate"] / gen
-    res["rss_run"], res["peak_run"] = rss_mb()
+        res["rss_run"], res["peak_run"] = rss_mb()
+        emb = model.get_input_embeddings()
+        for ids in torch.arange(emb.num_embeddings).split(4096):  # a server meets every token in time
+            emb(ids[None])
+    res["rss_warm"], res["peak_warm"] = rss_mb()
     return res
 
 
@@ -159,14 +165,14 @@ def _row(model: str, variant: str, results: dict, comp_rows: list[dict], d: int)
     r, dense = results[variant], results["dense"]
     comp = next((c["compress"] for c in comp_rows if c["variant"] == variant.split(" ")[0]), None)
     row = {"model": model, "variant": variant, **r,
-           "rss_ratio": r["rss_run"] / dense["rss_run"], "peak_over_final": r["peak_load"] / r["rss_load"],
+           "rss_ratio": r["rss_warm"] / dense["rss_warm"], "peak_over_final": r["peak_load"] / r["rss_load"],
            "forward_ratio": r["forward_tok_s"] / dense["forward_tok_s"]}
     if "generate_tok_s" in r:
         row["generate_ratio"] = r["generate_tok_s"] / dense["generate_tok_s"]
     if comp is not None:
         saved_mb = (comp["dense_embedding_bytes"] - comp["stored_bytes"]) / 2**20
-        row["rss_target_mb"] = (dense["rss_run"] - saved_mb) * 1.05
-        row["rss_meets_target"] = r["rss_run"] <= row["rss_target_mb"]
+        row["rss_target_mb"] = (dense["rss_warm"] - saved_mb) * 1.05
+        row["rss_meets_target"] = r["rss_warm"] <= row["rss_target_mb"]
         row["compress_extra_in_matrices"] = comp["extra_in_matrices"]
         row["compress_seconds"] = comp["seconds"]
     return row
@@ -179,7 +185,8 @@ def write_report(rows: list[dict], out: Path) -> None:
 
     write_json(out / "runtime.json", {"rows": rows})
     cols = [("model", "model"), ("variant", "variant"), ("rss_load", "RSS after load MiB"),
-            ("peak_load", "peak during load MiB"), ("rss_run", "RSS running MiB"), ("rss_target_mb", "target MiB"),
+            ("peak_load", "peak during load MiB"), ("rss_run", "RSS running MiB"),
+            ("rss_warm", "RSS, all rows touched MiB"), ("rss_target_mb", "target MiB"),
             ("rss_ratio", "RSS vs dense"), ("peak_over_final", "peak / load RSS"),
             ("forward_tok_s", "forward tok/s"), ("forward_ratio", "forward vs dense"),
             ("generate_tok_s", "generate tok/s"), ("generate_ratio", "generate vs dense"),

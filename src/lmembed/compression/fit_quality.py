@@ -16,6 +16,7 @@ import torch.nn.functional as F
 KNN = 10  # neighbours compared per query row
 KNN_QUERIES = 1000  # rows whose neighbourhoods are compared (a seeded sample)
 ROW_CHUNK = 4096  # rows per step of every pass over a matrix
+KNN_ROWS = 1024  # rows per step of the neighbour search: its (queries x rows) similarities are the temporary
 
 Rows = Callable[[torch.Tensor], torch.Tensor]  # row ids -> those rows (e.g. a compressed module's lookup)
 
@@ -26,8 +27,8 @@ def content_hash(t: torch.Tensor) -> str:
     return hashlib.sha1(np.ascontiguousarray(a).view(np.uint8).data).hexdigest()
 
 
-def _chunks(n: int) -> list[torch.Tensor]:
-    return [torch.arange(s, min(s + ROW_CHUNK, n)) for s in range(0, n, ROW_CHUNK)]
+def _chunks(n: int, size: int = ROW_CHUNK) -> list[torch.Tensor]:
+    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def _neighbours(rows: Rows, v: int, q: torch.Tensor, k: int) -> torch.Tensor:
     qn = F.normalize(rows(q), dim=-1)
     best_v = torch.full((len(q), k), -float("inf"))
     best_i = torch.zeros((len(q), k), dtype=torch.long)
-    for ids in _chunks(v):
+    for ids in _chunks(v, KNN_ROWS):
         sims = qn @ F.normalize(rows(ids), dim=-1).t()  # queries x chunk
         sims[q[:, None] == ids[None, :]] = -float("inf")
         vals, pos = torch.cat([best_v, sims], 1).topk(k, dim=-1)

@@ -381,6 +381,8 @@ def check_spec(spec: Any) -> None:
         raise LmembedError(f"compressed module spec must be a JSON object, not {type(spec).__name__}")
     for key, limit in SPEC_LIMITS.items():
         v = spec.get(key)
+        if isinstance(v, list):  # a container's summary of its parts (mixed: bits per part), each checked there
+            continue
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit):
             raise LmembedError(f"compressed module spec: {key} = {v!r}; expected an integer in 1..{limit}")
     for key in ("out_dtype", "dtype"):
