@@ -95,9 +95,11 @@ def test_calibration_from_text_with_tokenizer(tmp_path):
     assert rep["calib"] == {"source": str(text), "tokens": 512}
 
 
-def test_calibrated_method_without_calibration_is_refused():
-    with pytest.raises(LmembedError, match="needs calibration statistics"):
-        lmembed.compress(build("llama-tied"), "wsvd:8")
+def test_calibrated_method_without_calibration_or_a_way_to_get_one_is_refused():
+    """A causal LM calibrates on its own samples (test_kmixed); an encoder without a tokenizer
+    has neither its own text nor a way to read the bundled mix."""
+    with pytest.raises(LmembedError, match="cannot sample its own text"):
+        lmembed.compress(build("bert-encoder"), "wsvd:8")
 
 
 @pytest.mark.parametrize("calib, tokens, message", [
@@ -120,3 +122,20 @@ def test_text_calibration_needs_a_tokenizer_and_a_real_text(tmp_path):
 
     with pytest.raises(LmembedError, match="empty"):
         calibrate(build("llama-tied"), str(empty), tokenizer=word_tokenizer(WORDS), tokens=16, cache=False)
+
+
+def test_calibration_runs_the_head_in_chunks_with_the_same_statistics():
+    """The lean path (the model's head deferred, run by calibration a chunk of positions at a time)
+    gives the statistics of the plain forward pass, which is kept for models that transform their
+    logits after the head (here forced by a config field the tiny Llama ignores)."""
+    from lmembed.compression import calibrate as C
+
+    ids = torch.randint(0, 300, (3 * 64,), generator=torch.Generator().manual_seed(0))
+    model = build("llama-tied")
+    lean = C.calibrate(model, ids, tokens=len(ids), window=64, cache=False)
+    model.config.logit_scale = 2.0
+    assert not C._logits_are_the_heads(model)
+    plain = C.calibrate(model, ids, tokens=len(ids), window=64, cache=False)
+    torch.testing.assert_close(lean.hidden_moment, plain.hidden_moment)
+    torch.testing.assert_close(lean.out_prob, plain.out_prob)
+    assert "forward" not in vars(model.get_output_embeddings())  # the head's own forward is back

@@ -333,8 +333,9 @@ def test_cli_compress_writes_loadable_folder_and_refuses_overwrite(tmp_path, cap
     assert main(argv) == 2 and "not empty; pass --force" in capsys.readouterr().err
     # calibrated methods take --calib; without it they say so in one line
     cal = ["compress", str(folder), "--method", "gptq-int4:g8", "--out", str(tmp_path / "cal"), "--no-progress"]
-    assert main(cal) == 2 and "calib" in capsys.readouterr().err
-    assert main([*cal, "--calib", str(_text(tmp_path)), "--calib-tokens", "64"]) == 0
+    assert main([*cal, "--calib-tokens", "64"]) == 0  # no --calib: calibrated on text sampled from the model
+    assert "64 tokens of model" in capsys.readouterr().out
+    assert main([*cal, "--calib", str(_text(tmp_path)), "--calib-tokens", "64", "--force"]) == 0
     assert lmembed.load(tmp_path / "cal").get_input_embeddings().bits == 4
 
 

@@ -252,7 +252,6 @@ CASES = [
     ("int3", None, "int3:g32", {}, "GGUF has no 3-bit block type; they fit Q4_0 (exact)"),
     ("half int8", None, "int8:grid=half", {}, "no GGUF block type holds 8-bit half-grid levels"),
     ("mixed into Q4_0", None, "mixed:5:choices=4-8", {"gguf_type": "Q4_0", "calib": "x"}, "they fit Q8_0"),
-    ("no calib", None, "gptq-int4:g32", {}, "needs calibration"),
     ("bad method", None, "int9", {}, "unknown method"),
     ("exists", None, "int8", {"dst": "exists"}, "already exists; pass force=True"),
     ("same file", None, "int8", {"dst": "src", "force": True}, "is the source file"),

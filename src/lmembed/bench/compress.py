@@ -25,7 +25,7 @@ from ..common.report import markdown_table, plot_scatter, write_text
 from ..common.runtime import seed_everything
 from ..compression import compress
 from ..compression.api import check_method
-from ..compression.calibrate import DEFAULT_TOKENS, CalibStats, calibrate
+from ..compression.calibrate import resolve_calibration
 from ..compression.hf import find_sites
 from ..compression.registry import as_pipeline
 from ..errors import LmembedError
@@ -46,9 +46,10 @@ def _slug(method: str, side: str) -> str:
 def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str = DEFAULT_METHODS,
                    sides: str = "auto", max_tokens: int = EVAL_TOKENS, seed: int = 0, force: bool = False,
                    resume: bool = True, progress: bool | None = None, log=print, subject: Subject | None = None,
-                   calib: Any = None, calib_tokens: int = DEFAULT_TOKENS) -> dict[str, Any]:
-    """calib (a text spec or ids): the original model is calibrated once, every row reuses the
-    statistics (rows that trim the vocabulary recalibrate their trimmed model)."""
+                   calib: Any = None, calib_tokens: int | None = None) -> dict[str, Any]:
+    """calib (a text spec, ids or a built-in source; default 'model' when a method needs one): the
+    original model is calibrated once, every row reuses the statistics (rows that trim the
+    vocabulary recalibrate their trimmed model)."""
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_list:
         raise LmembedError("--methods: give at least one method, e.g. int8,svd:128")
@@ -65,7 +66,8 @@ def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str 
     (out / "rows").mkdir(exist_ok=True)
     settings = {"model": model_spec, "text": text, "max_tokens": max_tokens, "seed": seed,
                 "metric": subject.metric, "eval": subject.eval_settings}
-    stats = _calibrate_once(subject, calib, calib_tokens, seed, progress, log)
+    stats = resolve_calibration(subject.model, method_list, calib, tokenizer=subject.tokenizer,
+                                tokens=calib_tokens, seed=seed, progress=progress, log=log)
     if stats is not None:
         settings["calib"] = {"source": stats.source, "tokens": stats.tokens}
     prev = out / "settings.json"
@@ -109,16 +111,6 @@ def _write_report(out: Path, result: dict[str, Any], subject: Subject) -> str:
                                     f"`{text}` ({subject.eval_settings}); seed {result['seed']}.\n\n{table}\n"
                                     "![bytes vs quality](compress.png)\n\n![Pareto, clipped](pareto.png)\n")
     return table
-
-
-def _calibrate_once(subject: Subject, calib: Any, tokens: int, seed: int, progress, log) -> CalibStats | None:
-    """The original model's calibration statistics, shared by every row of the bench."""
-    if calib is None or isinstance(calib, CalibStats):
-        return calib
-    t0 = time.perf_counter()
-    stats = calibrate(subject.model, calib, tokenizer=subject.tokenizer, tokens=tokens, seed=seed, progress=progress)
-    log(f"calibrated on {stats.tokens} tokens of {stats.source} ({time.perf_counter() - t0:.0f} s)")
-    return stats
 
 
 def _sides(sides: str, sites) -> list[str]:

@@ -12,9 +12,11 @@ from ..bench.embeddings import DEFAULT_METHODS as EMBEDDING_METHODS
 from ..bench.embeddings import DEFAULT_MODELS, bench_embeddings
 from ..bench.finetune import DEFAULT_METHODS as FINETUNE_METHODS
 from ..bench.finetune import bench_finetune
+from ..bench.peers import DEFAULT_BITS, DEFAULT_PEERS, bench_peers
+from ..bench.peers import DEFAULT_METHODS as PEERS_METHODS
 from ..bench.seq2seq_tying import bench_seq2seq_tying
 from ..bench.tying import COMBOS, bench_tying, pick_combos
-from ..compression.calibrate import DEFAULT_TOKENS
+from ..compression.calibrate import DEFAULT_TOKENS, SOURCES
 from ..compression.registry import describe_methods
 from ..config import RunConfig, Seq2SeqConfig
 from ..errors import LmembedError
@@ -29,11 +31,15 @@ from .args import (
 )
 from .finetune import add_finetune_args, finetune_inputs
 
-BENCHES = ("tying", "compress", "embeddings", "finetune")
+CALIB_HELP = ("calibration for calibrated methods: a text (file, folder, corpus[:split]; keep it apart from --data), "
+              "'model' (text sampled from the model: the default), 'mix' (the bundled corpora) or 'model+mix'")
+CALIB_TOKENS_HELP = (f"calibration budget in tokens (default: {DEFAULT_TOKENS} of a text, {SOURCES['model']} sampled "
+                     f"for 'model', {SOURCES['mix']} for 'mix')")
+BENCHES = ("tying", "compress", "embeddings", "finetune", "peers")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="reproduce a paper table: tying, compress, embeddings, finetune",
+    p = sub.add_parser("bench", help="reproduce a paper table: tying, compress, embeddings, finetune, peers",
                        description="Benchmarks: each prints a table and writes JSON, Markdown and a PNG.")
     bsub = p.add_subparsers(dest="bench", metavar="BENCH")
     for name in BENCHES:
@@ -104,9 +110,8 @@ def add_compress(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
-    p.add_argument("--calib", help="calibration text for calibrated methods (wsvd, wae, gptq-intB, mixed, kl); "
-                                   "keep it apart from --data")
-    p.add_argument("--calib-tokens", type=int, default=DEFAULT_TOKENS, help="calibration budget in tokens")
+    p.add_argument("--calib", help=CALIB_HELP)
+    p.add_argument("--calib-tokens", type=int, default=None, help=CALIB_TOKENS_HELP)
     progress_flag(p)
     p.set_defaults(func=lambda args: bench_compress(
         args.model, args.out, text=args.data, methods=args.methods, sides=args.sides, max_tokens=args.max_tokens,
@@ -164,4 +169,38 @@ def run_finetune(args: argparse.Namespace) -> int:
     for c in result["comparisons"]:
         print(c["text"])
     print(f"report: {args.out}/bench_finetune.md")
+    return 0
+
+
+# --- peers ------------------------------------------------------------------------------------
+def add_peers(sub) -> None:
+    p = sub.add_parser("peers", help="lmembed's quantisers vs gguf, hqq, quanto, torchao at equal bits per value",
+                       description="Score lmembed's methods and each installed peer library's quantisers on one "
+                                   "model's embedding matrix with the same evaluation, and name the best of each "
+                                   "within every --bits budget. Peer rows evaluate the peer's dequantised matrix; "
+                                   "a peer that is not installed gives 'not installed' rows. Writes peers.json, "
+                                   "peers.md and peers.png; an interrupted bench resumes with the same command.")
+    p.add_argument("model", help="bundled name (smollm2, minilm), transformers folder or hub id")
+    p.add_argument("--data", default="wiki:test", help="evaluation text: file, folder, or bundled corpus[:split]")
+    p.add_argument("--bits", default=DEFAULT_BITS, help="budgets in stored bits per value (default: %(default)s)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated lmembed methods (default: {PEERS_METHODS} and calibrated ones); '' for none")
+    p.add_argument("--peers", default=DEFAULT_PEERS,
+                   help="comma-separated families (their default settings) or family:SETTING, e.g. hqq:4b-g64, "
+                        "gguf:Q4_0, quanto:qint4-g32, torchao:int4-g32-asym (default: %(default)s)")
+    p.add_argument("--calib", help=CALIB_HELP)
+    p.add_argument("--calib-tokens", type=int, default=None, help=CALIB_TOKENS_HELP)
+    p.add_argument("--max-tokens", type=int, default=EVAL_TOKENS, help="evaluate on the first N tokens of the text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
+    progress_flag(p)
+    p.set_defaults(func=run_peers)
+
+
+def run_peers(args: argparse.Namespace) -> int:
+    bench_peers(args.model, args.out, text=args.data, bits=args.bits, methods=args.methods, peers=args.peers,
+                calib=args.calib, calib_tokens=args.calib_tokens, max_tokens=args.max_tokens, seed=args.seed,
+                force=args.force, progress=args.progress)
+    print(f"report: {args.out}/peers.md")
     return 0

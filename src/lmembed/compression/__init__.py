@@ -13,6 +13,7 @@ from .counts import token_counts
 from .groupreduce import GroupedEmbedding, GroupReduce
 from .io import load, save
 from .kl import KLFinetune
+from .kmixed import KMixed, MixedSuperBlockEmbedding
 from .mixed import Mixed, MixedQuantizedEmbedding
 from .modules import (
     CompressedEmbedding,
@@ -45,9 +46,10 @@ __all__ = [
     "token_counts",
     # the modules a compressed matrix is stored as
     "CompressedEmbedding", "CompressedHead", "DenseEmbedding", "FactorizedEmbedding", "QuantizedEmbedding",
-    "MixedQuantizedEmbedding", "GroupedEmbedding", "TrimmedEmbedding", "SuperBlockEmbedding",
+    "MixedQuantizedEmbedding", "MixedSuperBlockEmbedding", "GroupedEmbedding", "TrimmedEmbedding",
+    "SuperBlockEmbedding",
     # the methods, typed
     "SVD", "AutoEncoder", "RTN", "Int8", "Int4", "Int3", "Int2", "WeightedSVD", "WeightedAutoEncoder", "GPTQ",
     "GPTQInt8", "GPTQInt4", "GPTQInt3", "GPTQInt2", "Mixed", "KLFinetune", "Trim", "GroupReduce", "SuperBlockQuant",
-    "KQ2", "KQ3", "KQ4", "KQ5", "KQ6", "KQ7", "KQ8",
+    "KQ2", "KQ3", "KQ4", "KQ5", "KQ6", "KQ7", "KQ8", "KMixed",
 ]

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..common.runtime import pick_device
 from ..errors import LmembedError
-from .calibrate import DEFAULT_TOKENS, CalibStats, calibrate
+from .calibrate import CalibStats, resolve_calibration
 from .fit_quality import content_hash, matrix_stats
 from .hf import Sites, find_sites, install, resolve_side
 from .modules import CompressedEmbedding, DenseEmbedding
@@ -84,8 +84,9 @@ def compress(
     compressed on both sides gets one module serving both. Returns a report dict (bytes, ratio,
     seconds, matrix fidelity per compressed matrix).
 
-    calib: CalibStats, or a text spec / raw ids run through the original model first (with
-    `tokenizer` for text; `calib_tokens` ids, default DEFAULT_TOKENS). Calibrated methods need it.
+    calib: CalibStats, a text spec / raw ids run through the original model first (`tokenizer` for
+    text; `calib_tokens` ids), or ``"model"`` (text sampled from the model) / ``"mix"`` (the bundled
+    corpora): the default of calibrated methods (``"mix"`` for a model that cannot generate).
 
     A first stage that changes the vocabulary (``trim:CORPUS``) needs `tokenizer`: it trims the
     model first (later stages and calibration see the V' x d model); ``report["vocab"]`` says
@@ -103,15 +104,14 @@ def compress(
     if methods:
         methods[0].check(*sites.input_weight.shape)
     t_cal = time.perf_counter()
-    stats = _calibration(model, calib, tokenizer, calib_tokens, seed, progress)
+    stats = resolve_calibration(model, methods, calib, tokenizer=tokenizer, tokens=calib_tokens, seed=seed,
+                                progress=progress, log=log)
     calib_seconds = time.perf_counter() - t_cal if stats is not None else None
     dev = device if isinstance(device, torch.device) else pick_device(device)
     ctx = FitContext(seed=seed, device=dev, progress=progress, log=log, freqs=freqs, calib=stats, tokenizer=tokenizer)
     torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    text = pipeline_text(full)
-    fitted = fit_sides(methods, sites, side, ctx, text, cache)
-    seconds = time.perf_counter() - t0
+    t0, text = time.perf_counter(), pipeline_text(full)
+    fitted, seconds = fit_sides(methods, sites, side, ctx, text, cache), time.perf_counter() - t0
     if vocab is not None:
         _wrap_trimmed(fitted, vocab)
     v0 = vocab.original_vocab if vocab is not None else sites.input_weight.shape[0]
@@ -172,14 +172,6 @@ def _summary(matrices: list[dict[str, Any]], text: str, side: str, sites: Sites,
         "seed": seed, "calib_seconds": calib_seconds,
         "calib": {"source": stats.source, "tokens": stats.tokens} if stats is not None else None,
     }
-
-
-def _calibration(model: nn.Module, calib: Any, tokenizer: Any, tokens: int | None, seed: int, progress):
-    """CalibStats as given, or computed from a text / ids on the still uncompressed model."""
-    if calib is None or isinstance(calib, CalibStats):
-        return calib
-    return calibrate(model, calib, tokenizer=tokenizer, tokens=tokens or DEFAULT_TOKENS, seed=seed,
-                     progress=progress)
 
 
 def check_method(method: MethodSpec, num_embeddings: int, dim: int) -> list[Method]:

@@ -9,14 +9,32 @@ One forward pass of the *original* model over a calibration text collects:
   the model never predicts barely moves the softmax; a token with probability p weighs ~p.
 - ``in_freq`` (V,): how often each token is an input, i.e. how often its row is looked up.
 
-Statistics are cached on disk, keyed by the matrix, the text's token ids and the budget, so a
-bench that calibrates ten methods runs the model once.
+Besides a text (a file, a bundled corpus, token ids), two built-in sources need no text from the
+user's domain, which nobody knows in advance:
+
+- ``model``: text sampled from the model itself (temperature 1, from its BOS token, a fixed number
+  of sequences in parallel, a seeded generator). The statistics are gathered *while* sampling, so
+  there is no second pass; ``in_freq`` is the expected count Σ_t p_t (the sampled tokens are the
+  next inputs), which is smooth over the whole vocabulary instead of zero for unseen tokens.
+- ``mix``: equal shares of the bundled corpora (news, Shakespeare), one forward pass.
+- ``model+mix``: half of each.
+
+Measured on Wikipedia article leads (a domain none of the bundled corpora covers; SmolLM2-135M,
+both sides compressed), see DEFAULT_CALIB for the numbers that made ``model`` the default.
+
+Statistics are cached on disk, keyed by the matrix, the text's token ids (or the source and its
+sampling settings) and the budget, so a bench that calibrates ten methods runs the model once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
+import math
 import os
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +48,16 @@ from .fit_quality import content_hash
 from .hf import find_sites
 
 DEFAULT_TOKENS = 16_384
+# Built-in sources (no user text) and their default budgets in tokens: sampling costs one forward
+# step per token batch, so the model source is kept small; its statistics are smooth already.
+SOURCES = {"model": 4096, "mix": 8192, "model+mix": 8192}
+MIX_TEXTS = ("lee:train", "shakespeare:train")
+DEFAULT_CALIB = "model"
+SAMPLE_BATCH = 16  # sequences sampled in parallel
+PROB_ROWS = 256  # positions whose probabilities are formed at once (a 256 x V float block)
+SAMPLE_LENGTH = 256  # tokens per sampled sequence (capped by the model's context)
+SAMPLE_TEMPERATURE = 1.0  # the model's own distribution
+CALIB_VERSION = "2"  # part of the cache key of the built-in sources
 
 
 @dataclass
@@ -72,6 +100,37 @@ class CalibStats:
         return mix * h + (1 - mix) * torch.eye(h.shape[0], dtype=h.dtype)
 
 
+class _Moments:
+    """Running sums of what the output layer sees: H, mean probabilities, input counts, a sample of h."""
+
+    def __init__(self, vocab: int, dim: int):
+        self.v, self.d, self.n = vocab, dim, 0
+        self.moment = torch.zeros(dim, dim, dtype=torch.float64)
+        self.prob = torch.zeros(vocab, dtype=torch.float64)
+        self.in_freq = torch.zeros(vocab, dtype=torch.float64)
+        self.hs: list[torch.Tensor] = []
+
+    def add(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """Fold in hidden states (n, d) and their logits (n, >=V); returns the probabilities (n, V)
+        when n <= PROB_ROWS (a sampling step), else None."""
+        h = h.reshape(-1, self.d).double().cpu()
+        logits = logits.reshape(-1, logits.shape[-1])
+        p = None  # softmax a few hundred positions at a time: never a second (positions x V) float copy
+        for s in range(0, len(logits), PROB_ROWS):
+            p = torch.softmax(logits[s : s + PROB_ROWS].float(), -1)[:, : self.v]
+            self.prob += p.double().sum(0).cpu()
+        self.moment += h.t() @ h
+        self.hs.append(h.float())
+        self.n += len(h)
+        return p if len(logits) <= PROB_ROWS else None
+
+    def stats(self, source: str, sample: int, seed: int) -> CalibStats:
+        all_h = torch.cat(self.hs)
+        pick = torch.randperm(len(all_h), generator=torch.Generator().manual_seed(seed))[: min(sample, len(all_h))]
+        return CalibStats(self.moment / self.n, self.prob / self.n, self.in_freq, self.n, source, self.d,
+                          all_h[pick].contiguous())
+
+
 def _cache_dir() -> Path:
     env = os.environ.get("LMEMBED_CACHE")
     return (Path(env) if env else Path.home() / ".cache" / "lmembed") / "calib"
@@ -87,19 +146,11 @@ def calibration_ids(calib: Any, tokenizer: Any, vocab_size: int, tokens: int) ->
             raise LmembedError(f"calibration ids: id {bad} is outside the model's vocabulary 0..{vocab_size - 1} "
                                "(ids from another tokenizer?)")
     elif isinstance(calib, (str, Path)):
-        if tokenizer is None:
-            raise LmembedError(f"calibration text {calib}: a tokenizer is needed to read text (pass tokenizer=)")
-        from ..data.texts import load_text
-
-        text = load_text(str(calib))
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
-                           dtype=torch.long)
+        ids = _text_ids(str(calib), tokenizer, vocab_size)
         source = str(calib)
-        if len(ids) and int(ids.max()) >= vocab_size:
-            raise LmembedError(f"calibration text {calib}: its tokenizer gives id {int(ids.max())} but the model has "
-                               f"{vocab_size} tokens (tokenizer of another model?)")
     else:
-        raise LmembedError(f"calib: expected a text spec, a file, or token ids, not {type(calib).__name__}")
+        raise LmembedError(f"calib: expected a text spec, a file, token ids or one of {', '.join(SOURCES)}, "
+                           f"not {type(calib).__name__}")
     if len(ids) == 0:
         raise LmembedError(f"calibration {source}: empty (no tokens)")
     if len(ids) < tokens:
@@ -108,64 +159,230 @@ def calibration_ids(calib: Any, tokenizer: Any, vocab_size: int, tokens: int) ->
     return ids[:tokens], source
 
 
+def _text_ids(spec: str, tokenizer: Any, vocab_size: int, max_chars: int | None = None) -> torch.Tensor:
+    """The token ids of a text spec (its first `max_chars` characters when given), checked."""
+    if tokenizer is None:
+        raise LmembedError(f"calibration text {spec}: a tokenizer is needed to read text (pass tokenizer=)")
+    from ..data.texts import load_text
+
+    text = load_text(spec)[:max_chars]
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+                       dtype=torch.long)
+    if len(ids) and int(ids.max()) >= vocab_size:
+        raise LmembedError(f"calibration text {spec}: its tokenizer gives id {int(ids.max())} but the model has "
+                           f"{vocab_size} tokens (tokenizer of another model?)")
+    return ids
+
+
+def mix_ids(tokenizer: Any, vocab_size: int, tokens: int) -> torch.Tensor:
+    """Equal shares of the bundled corpora (MIX_TEXTS), each from its start, concatenated."""
+    share = math.ceil(tokens / len(MIX_TEXTS))
+    parts = [_text_ids(spec, tokenizer, vocab_size, max_chars=share * 8)[:share] for spec in MIX_TEXTS]
+    ids = torch.cat(parts)[:tokens]
+    if len(ids) < tokens:
+        raise LmembedError(f"calibration mix: {len(ids)} tokens from {', '.join(MIX_TEXTS)}, fewer than the budget "
+                           f"of {tokens}")
+    return ids
+
+
+def can_sample(model: torch.nn.Module) -> bool:
+    """Whether the model generates left to right (a causal LM with an output layer)."""
+    gen = getattr(model, "can_generate", None)
+    cfg = getattr(model, "config", None)
+    return (callable(gen) and bool(gen()) and not getattr(cfg, "is_encoder_decoder", False)
+            and find_sites(model).output_module is not None)
+
+
+def default_source(model: torch.nn.Module, tokenizer: Any) -> str:
+    """The calibration a calibrated method gets when given none: DEFAULT_CALIB where the model can
+    generate, else the bundled mix (which needs the tokenizer)."""
+    if can_sample(model):
+        return DEFAULT_CALIB
+    if tokenizer is None:
+        raise LmembedError(f"calibration: {type(model).__name__} cannot sample its own text and no tokenizer was "
+                           "given for the bundled mix; pass calib= (a text, a file or token ids) or tokenizer=")
+    return "mix"
+
+
+def resolve_calibration(model: torch.nn.Module, methods: list[Any], calib: Any, *, tokenizer: Any = None,
+                        tokens: int | None = None, seed: int = 0, progress: bool | None = None,
+                        log: Callable[[str], None] = lambda s: None) -> CalibStats | None:
+    """Statistics for the methods (Method objects or method strings / pipelines): as given, from the
+    given text, or, when a calibrated method is given none, from default_source (users rarely know
+    the domain of tomorrow's prompts). None when nothing needs them."""
+    if isinstance(calib, CalibStats):
+        return calib
+    if calib is None:
+        from .registry import as_pipeline
+
+        stages = [s for m in methods for s in (as_pipeline(m) if isinstance(m, str) else [m])]
+        if not any(getattr(m, "needs_calib", False) for m in stages):
+            return None
+        calib = default_source(model, tokenizer)
+    t0 = time.perf_counter()
+    stats = calibrate(model, calib, tokenizer=tokenizer, tokens=tokens, seed=seed, progress=progress)
+    log(f"calibrated on {stats.tokens} tokens of {stats.source} ({time.perf_counter() - t0:.0f} s)")
+    return stats
+
+
+def _budget(calib: Any, tokens: int | None) -> int:
+    builtin = isinstance(calib, str) and calib in SOURCES
+    tokens = (SOURCES[calib] if builtin else DEFAULT_TOKENS) if tokens is None else tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise LmembedError(f"calibration budget: expected a positive number of tokens, not {tokens!r}")
+    return tokens
+
+
 @torch.no_grad()
-def calibrate(model: torch.nn.Module, calib: Any, *, tokenizer: Any = None, tokens: int = DEFAULT_TOKENS,
-              window: int = 512, batch: int = 4, sample: int = 4096, seed: int = 0, cache: bool = True,
+def calibrate(model: torch.nn.Module, calib: Any, *, tokenizer: Any = None, tokens: int | None = None,
+              window: int = 512, batch: int = 1, sample: int = 4096, seed: int = 0, cache: bool = True,
               progress: bool | None = None) -> CalibStats:
-    """One forward pass of the (uncompressed) model over the calibration ids."""
+    """One forward pass of the (uncompressed) model over the calibration ids, or, for the built-in
+    sources (SOURCES), over the bundled mix and/or while sampling from the model; seeded, cached.
+    `tokens` defaults to DEFAULT_TOKENS for a text, to the source's own budget for a built-in one."""
     sites = find_sites(model)
     v, d = sites.input_weight.shape
-    ids, source = calibration_ids(calib, tokenizer, v, tokens)
+    tokens = _budget(calib, tokens)
+    sampled = 0
+    if isinstance(calib, str) and calib in SOURCES:
+        sampled = {"model": tokens, "mix": 0}.get(calib, tokens // 2)
+        if sampled and not can_sample(model):
+            raise LmembedError(f"calibration {calib!r} samples text from the model, but {type(model).__name__} is not "
+                               "a causal language model; use calib='mix' or a text")
+        ids = mix_ids(tokenizer, v, tokens - sampled) if tokens > sampled else torch.zeros(0, dtype=torch.long)
+        source = calib
+    else:
+        ids, source = calibration_ids(calib, tokenizer, v, tokens)
     key = hashlib.sha1()
     key.update(content_hash(sites.input_weight).encode())  # read in place, no copy of the matrix
     key.update(ids.numpy().tobytes())
     key.update(f"{window}:{sample}:{seed}".encode())
+    if source in SOURCES:
+        key.update(f"{source}:{sampled}:{SAMPLE_BATCH}:{SAMPLE_LENGTH}:{SAMPLE_TEMPERATURE}:{CALIB_VERSION}".encode())
     path = _cache_dir() / f"{key.hexdigest()[:20]}.pt"
     if cache and path.exists():
         try:
             return CalibStats(**torch.load(path, weights_only=True))
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             path.unlink(missing_ok=True)
-    in_freq = torch.bincount(ids, minlength=v).double()
-    head = sites.output_module
-    if head is None:  # an encoder: only the input side has something to say
-        return CalibStats(None, None, in_freq, len(ids), source, d)
-    from ..models.pretrained import context_length
-
-    window = min(window, context_length(model))
-    captured: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))
-    moment = torch.zeros(d, d, dtype=torch.float64)
-    prob = torch.zeros(v, dtype=torch.float64)
-    hs: list[torch.Tensor] = []
-    device = next(model.parameters()).device
-    n_rows = max(1, len(ids) // window)
-    rows = ids[: n_rows * window].view(n_rows, window)
-    was_training = model.training
-    model.eval()
-    try:
-        for s in tqdm(range(0, n_rows, batch), desc="calibrating", disable=None if progress is None else not progress,
-                      leave=False):
-            captured.clear()
-            logits = _logits(model, rows[s : s + batch].to(device))
-            h = captured[-1].reshape(-1, d).double().cpu()
-            moment += h.t() @ h
-            prob += torch.softmax(logits.reshape(-1, logits.shape[-1]).float(), -1).double().sum(0).cpu()[:v]
-            hs.append(h.float())
-    finally:
-        hook.remove()
-        model.train(was_training)
-    n = n_rows * window
-    all_h = torch.cat(hs)
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(all_h), generator=g)[: min(sample, len(all_h))]
-    stats = CalibStats(moment / n, prob / n, in_freq, n, source, d, all_h[pick].contiguous())
+    stats = _collect(model, ids, sampled, source, window=window, batch=batch, sample=sample, seed=seed,
+                     progress=progress)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(stats.to_dict(), tmp)
         os.replace(tmp, path)
     return stats
+
+
+def _collect(model: torch.nn.Module, ids: torch.Tensor, sampled: int, source: str, *, window: int, batch: int,
+             sample: int, seed: int, progress: bool | None) -> CalibStats:
+    """Statistics of a forward pass over `ids` plus `sampled` tokens generated by the model."""
+    sites = find_sites(model)
+    v, d = sites.input_weight.shape
+    head = sites.output_module
+    if head is None:  # an encoder: only the input side has something to say
+        return CalibStats(None, None, torch.bincount(ids, minlength=v).double(), len(ids), source, d)
+    acc = _Moments(v, d)
+    acc.in_freq += torch.bincount(ids, minlength=v).double()
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda mod, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    bar = None if progress is None else not progress
+    try:
+        if len(ids):
+            _text_pass(model, ids, acc, captured, window, batch, bar)
+        if sampled:
+            _sample_pass(model, acc, captured, sampled, seed, bar)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return acc.stats(source, sample, seed)
+
+
+def _text_pass(model: torch.nn.Module, ids: torch.Tensor, acc: _Moments, captured: list[torch.Tensor],
+               window: int, batch: int, disable: bool | None) -> None:
+    """Forward windows of the text, `batch` at a time; the head's inputs arrive through `captured`."""
+    from ..models.pretrained import context_length
+
+    window = min(window, context_length(model))
+    device = next(model.parameters()).device
+    n_rows = max(1, len(ids) // window)
+    rows = ids[: n_rows * window].view(n_rows, window)
+    head = find_sites(model).output_module
+    lean = _logits_are_the_heads(model)
+    for s in tqdm(range(0, n_rows, batch), desc="calibrating", disable=disable, leave=False):
+        captured.clear()
+        x = rows[s : s + batch].to(device)
+        if not lean:
+            logits = _logits(model, x)
+            acc.add(captured[-1], logits)
+            continue
+        with _head_deferred(head):  # the model runs without forming its (window x V) logits
+            _logits(model, x)
+        h = captured[-1].reshape(-1, captured[-1].shape[-1])
+        for c in range(0, len(h), PROB_ROWS):  # the head runs here, a chunk of positions at a time
+            acc.add(h[c : c + PROB_ROWS], head(h[c : c + PROB_ROWS]))
+
+
+def _sample_pass(model: torch.nn.Module, acc: _Moments, captured: list[torch.Tensor], tokens: int, seed: int,
+                 disable: bool | None) -> None:
+    """Sample whole sequences from the start token (SAMPLE_BATCH at a time, a seeded generator),
+    folding in each step's hidden states and probabilities; the input counts are the expected ones."""
+    from ..models.pretrained import context_length
+
+    length = min(SAMPLE_LENGTH, context_length(model))
+    seqs = math.ceil(tokens / length)
+    cfg = getattr(model, "config", None)
+    start = next((t for t in (getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None))
+                  if isinstance(t, int)), 0)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=seqs * length, desc="sampling", disable=disable, leave=False)
+    for s0 in range(0, seqs, SAMPLE_BATCH):
+        x = torch.full((min(SAMPLE_BATCH, seqs - s0), 1), start, dtype=torch.long)
+        past = None
+        for _ in range(length):
+            captured.clear()
+            out, past = _step(model, x.to(device), past)
+            p = acc.add(captured[-1][:, -1], out.logits[:, -1])
+            acc.in_freq += p.double().sum(0).cpu()
+            q = p if SAMPLE_TEMPERATURE == 1.0 else torch.softmax(out.logits[:, -1, : acc.v] / SAMPLE_TEMPERATURE, -1)
+            x = torch.multinomial(q.float().cpu(), 1, generator=g)
+            bar.update(len(x))
+    bar.close()
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, past: Any) -> tuple[Any, Any]:
+    """One decoding step with the key/value cache (named `cache` or `past_key_values` by the
+    transformers version at hand)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=x, use_cache=True, **({name: past} if past is not None else {}))
+    nxt = getattr(out, "cache", None)
+    return out, nxt if nxt is not None else getattr(out, "past_key_values", None)
+
+
+# config fields of architectures whose logits are more than the head's output (left to the model)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _logits_are_the_heads(model: torch.nn.Module) -> bool:
+    """Whether the model's logits are exactly its head's output (no soft-capping or scaling after
+    it), so the head can be run by calibration itself, a chunk of positions at a time."""
+    cfg = getattr(model, "config", None)
+    return not any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in LOGIT_TRANSFORMS)
+
+
+@contextlib.contextmanager
+def _head_deferred(head: torch.nn.Module) -> Iterator[None]:
+    """Within: the head's forward returns a (..., 1) placeholder (its pre-hooks still see its
+    input), so a forward pass never holds all positions' logits; restored on exit."""
+    head.forward = lambda x, *a, **k: x[..., :1]
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -164,32 +164,43 @@ class Mixed(Method):
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
                                f"({lo:.2f} with its scales and the row map)")
 
+    def candidates(self, weight: torch.Tensor, metric: torch.Tensor) -> list[QuantizedEmbedding]:
+        """Every row at every allowed width (rows are fitted independently of each other)."""
+        return [gptq_rows(weight, metric, b, self.group, grid=self.grid, clip=self.clip) for b in self.choices]
+
+    def row_bits(self, dim: int) -> torch.Tensor:
+        """Stored bits of one row at each width: codes, fp16 scales, its byte of the row map."""
+        groups = math.ceil(dim / self.group)
+        return torch.tensor([math.ceil(dim * b / 8) * 8 + 16 * groups + 8 for b in self.choices], dtype=torch.float64)
+
+    def budget(self, num_embeddings: int, dim: int) -> float:
+        return self.avg * num_embeddings * dim
+
+    def assemble(self, parts: list[CompressedEmbedding], row_class: torch.Tensor) -> CompressedEmbedding:
+        return MixedQuantizedEmbedding(parts, row_class)
+
     def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
+        """Fit every width, then give each row the width that the Lagrangian allocation picks."""
         v, d = weight.shape
         self.check(v, d)
         calib = need_calib(self, ctx)
         metric = metric_for(self, ctx, d)
         rw = calib.row_weights(ctx.side, mix=self.mix, floor=self.floor)
-        groups = math.ceil(d / self.group)
-        cands, costs = [], []
-        for b in self.choices:
-            q = gptq_rows(weight, metric, b, self.group, grid=self.grid, clip=self.clip)
-            cands.append(q)
-            costs.append(row_costs(weight, q, rw, metric))
-        row_bits = torch.tensor([math.ceil(d * b / 8) * 8 + 16 * groups + 8 for b in self.choices], dtype=torch.float64)
-        cls = allocate(torch.stack(costs, 1), row_bits, self.avg * v * d)
+        if len(rw) != v:
+            raise LmembedError(f"method {self.text!r}: calibration has {len(rw)} tokens, the matrix {v} rows")
+        w = weight.detach().float().cpu()
+        cands = self.candidates(w, metric)
+        costs = torch.stack([row_costs(w, q, rw, metric) for q in cands], 1)
+        cls = allocate(costs, self.row_bits(d), self.budget(v, d))
         parts, kept = [], []
         for c, q in enumerate(cands):
             rows = (cls == c).nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            part = QuantizedEmbedding(q.packed[rows].clone(), q.scales[rows].clone(), bits=q.bits,
-                                      group_size=q.group_size, embedding_dim=d, grid=q.grid)
-            parts.append(part)
-            kept.append(c)
-        remap = torch.full((len(cands),), 255, dtype=torch.long)
+            if len(rows):
+                parts.append(q.take_rows(rows))
+                kept.append(c)
+            cands[c] = None  # each width's codes go as soon as its rows are taken
+        remap = torch.full((len(cands),), 0, dtype=torch.long)
         remap[kept] = torch.arange(len(kept))
-        counts = {self.choices[c]: int((cls == c).sum()) for c in kept}
-        ctx.log(f"{self.text}: rows per width {counts}")
-        return MixedQuantizedEmbedding(parts, remap[cls])
+        ctx.log(f"{self.text}: rows per width {dict((self.choices[c], int((cls == c).sum())) for c in kept)}")
+        return self.assemble(parts, remap[cls])
 

@@ -78,6 +78,13 @@ class CompressedEmbedding(nn.Module):
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def take_rows(self, rows: torch.Tensor) -> CompressedEmbedding:
+        """A module of the same kind holding only `rows` (for kinds whose every tensor has one row
+        per token: the codes of quantised rows, not a shared decoder)."""
+        module = build_module({**self.spec(), "num_embeddings": len(rows)})
+        module.load_state_dict({k: t[rows].clone() for k, t in self.state_dict().items()})
+        return module
+
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "scale": self.scale, "method": self.method, "out_dtype": str(self.out_dtype).removeprefix("torch.")}

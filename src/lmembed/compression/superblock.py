@@ -297,6 +297,57 @@ def quantize_superblock(weight: torch.Tensor, bits: int, group: int, search: int
                                embedding_dim=d)
 
 
+def gptq_superblock(weight: torch.Tensor, metric: torch.Tensor, bits: int, group: int, search: int = 21,
+                    iters: int = 4, refit: int = 4, block: int = 128, chunk: int = FIT_ROWS,
+                    act_order: bool = True) -> SuperBlockEmbedding:
+    """Super-block layout with calibrated rounding: each row's sub-scales, sub-mins and super-parameters
+    come from the kq fit of the original row, then its codes are rounded one column at a time with the
+    rounding error pushed onto the columns not yet rounded, weighted by the column metric (d x d,
+    damped), as GPTQ does. `act_order`: columns in decreasing order of the metric's diagonal, so the
+    few columns that the metric weighs most (outlier dimensions of the hidden states) are rounded
+    first and the rest absorb their error."""
+    v, d = weight.shape
+    if metric.shape != (d, d):
+        raise LmembedError(f"super-block GPTQ: metric {tuple(metric.shape)} does not fit d = {d}")
+    order = torch.argsort(torch.diagonal(metric), descending=True, stable=True) if act_order else torch.arange(d)
+    m_perm = metric.double()[order][:, order]
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(m_perm)), upper=True).float()
+    base = quantize_superblock(weight, bits, group, search, iters, refit, chunk)
+    codes = []
+    for s0 in range(0, v, chunk):
+        e = slice(s0, s0 + chunk)
+        s, m = base._group_params(base.subs[e], base.supers[e])
+        gi = order // group  # the group of each column, in rounding order
+        q = _gptq_codes(weight[e].detach().float().cpu()[:, order], s[:, gi], m[:, gi], u, bits, block)
+        codes.append(pack_bits(q[:, torch.argsort(order)], bits))
+    return SuperBlockEmbedding(torch.cat(codes), base.subs, base.supers, bits=bits, group_size=group, embedding_dim=d)
+
+
+def _gptq_codes(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor, u: torch.Tensor, bits: int,
+                block: int) -> torch.Tensor:
+    """Codes (rows x d) of x ~ s*q - m (s, m: rows x d, each column's group parameters) rounded
+    column by column with error feedback through u, the upper Cholesky factor of the metric's
+    inverse; blocks of columns are updated lazily."""
+    r, d = w.shape
+    nmax = (1 << bits) - 1
+    w = w.clone()
+    inv = _inv(s)
+    q = torch.zeros(r, d, dtype=torch.uint8)
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        w1 = w[:, i1:i2]
+        err = torch.zeros_like(w1)
+        for j in range(i2 - i1):
+            c = i1 + j
+            code = ((w1[:, j] + m[:, c]) * inv[:, c]).round_().clamp_(0, nmax)
+            q[:, c] = code.to(torch.uint8)
+            e = (w1[:, j] - (s[:, c] * code - m[:, c])) / u[c, c]
+            w1[:, j:] -= e[:, None] * u[c, c:i2][None, :]
+            err[:, j] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return q
+
+
 # --- methods -------------------------------------------------------------------------------------
 class SuperBlockQuant(RowQuantizer):
     """`kqB[:gG][:search=N][:iters=N][:refit=N]`: B-bit asymmetric codes in groups of G columns, each

@@ -133,6 +133,25 @@ register(
 )
 
 
+# --- wiki: Wikipedia articles from the dump sample in gensim's test data (out-of-domain text) ------
+def _wiki_files() -> dict[str, list[Path]]:
+    from .wiki import DUMP, wiki_files  # cleaned once, then read from its cache
+
+    return wiki_files(gensim_test_file(DUMP))
+
+
+register(
+    BundledCorpus(
+        name="wiki",
+        description="94 Wikipedia articles (gensim's dump sample, cleaned); valid/test: opening paragraphs of "
+                    "11 / 31 held-out articles",
+        install_hint=GENSIM_HINT,
+        files=_wiki_files,
+        options=TextOptions(split="words", lowercase=True, max_vocab=10000, min_freq=1, bpe=None),
+    )
+)
+
+
 def get(name: str) -> BundledCorpus:
     try:
         return REGISTRY[name]

@@ -391,8 +391,6 @@ def compress_gguf(src: str | os.PathLike, method: MethodSpec, dst: str | os.Path
     if trims:
         _check_trimmable(f, vocab)
     calibrated = any(s.needs_calib for s in stages)
-    if calibrated and calib is None:
-        raise LmembedError(f"method {text!r} needs calibration: pass calib= (a text file, a corpus name or token ids)")
 
     report, matrices = _fit(f, src, stages, calibrated or calib is not None, trims, dict(
         calib=calib, seed=seed, device="cpu", log=log, calib_tokens=calib_tokens))
