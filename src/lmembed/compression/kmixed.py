@@ -122,11 +122,11 @@ class KMixed(Mixed):
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
                                f"({lo:.3f} with its sub-scales, super-scales and the row map)")
 
-    def candidates(self, weight: torch.Tensor, metric: torch.Tensor) -> list[SuperBlockEmbedding]:
-        """Every row at every allowed width (rows are fitted independently of each other)."""
+    def candidate(self, rows: torch.Tensor, metric: torch.Tensor, bits: int) -> SuperBlockEmbedding:
+        """Some rows at one width (rows are fitted independently of each other)."""
         if self.gptq:
-            return [gptq_superblock(weight, metric, b, self.group, search=self.search) for b in self.choices]
-        return [quantize_superblock(weight, b, self.group, search=self.search) for b in self.choices]
+            return gptq_superblock(rows, metric, bits, self.group, search=self.search)
+        return quantize_superblock(rows, bits, self.group, search=self.search)
 
     def row_bits(self, dim: int) -> torch.Tensor:
         return torch.tensor([row_bytes(dim, b, self.group) * 8 for b in self.choices], dtype=torch.float64)

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import LmembedError
 from .calibrated import DAMP, FLOOR, MIX, gptq_rows, metric_for, need_calib
-from .modules import FIT_ROWS, CompressedEmbedding, QuantizedEmbedding, build_module, register_module
+from .modules import FIT_ROWS, CompressedEmbedding, QuantizedEmbedding, build_module, concat_rows, register_module
 from .quantize import CLIP, GRID
 from .registry import (
     Arg,
@@ -164,9 +164,9 @@ class Mixed(Method):
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
                                f"({lo:.2f} with its scales and the row map)")
 
-    def candidates(self, weight: torch.Tensor, metric: torch.Tensor) -> list[QuantizedEmbedding]:
-        """Every row at every allowed width (rows are fitted independently of each other)."""
-        return [gptq_rows(weight, metric, b, self.group, grid=self.grid, clip=self.clip) for b in self.choices]
+    def candidate(self, rows: torch.Tensor, metric: torch.Tensor, bits: int) -> CompressedEmbedding:
+        """Some rows at one width (rows are fitted independently of each other)."""
+        return gptq_rows(rows, metric, bits, self.group, grid=self.grid, clip=self.clip)
 
     def row_bits(self, dim: int) -> torch.Tensor:
         """Stored bits of one row at each width: codes, fp16 scales, its byte of the row map."""
@@ -189,17 +189,22 @@ class Mixed(Method):
         if len(rw) != v:
             raise LmembedError(f"method {self.text!r}: calibration has {len(rw)} tokens, the matrix {v} rows")
         w = weight.detach().float().cpu()
-        cands = self.candidates(w, metric)
-        costs = torch.stack([row_costs(w, q, rw, metric) for q in cands], 1)
+        # one chunk of rows at a time at every width: its costs kept, its codes dropped, so no
+        # width's candidate is ever whole; then each row is fitted once more, at its own width
+        costs = torch.zeros(v, len(self.choices), dtype=torch.float64)
+        for s in range(0, v, FIT_ROWS):
+            chunk = w[s : s + FIT_ROWS]
+            for c, b in enumerate(self.choices):
+                costs[s : s + FIT_ROWS, c] = row_costs(chunk, self.candidate(chunk, metric, b), rw[s : s + FIT_ROWS],
+                                                      metric)
         cls = allocate(costs, self.row_bits(d), self.budget(v, d))
         parts, kept = [], []
-        for c, q in enumerate(cands):
+        for c, b in enumerate(self.choices):
             rows = (cls == c).nonzero().flatten()
             if len(rows):
-                parts.append(q.take_rows(rows))
+                parts.append(concat_rows([self.candidate(w[ids], metric, b) for ids in rows.split(FIT_ROWS)]))
                 kept.append(c)
-            cands[c] = None  # each width's codes go as soon as its rows are taken
-        remap = torch.full((len(cands),), 0, dtype=torch.long)
+        remap = torch.full((len(self.choices),), 0, dtype=torch.long)
         remap[kept] = torch.arange(len(kept))
         ctx.log(f"{self.text}: rows per width {dict((self.choices[c], int((cls == c).sum())) for c in kept)}")
         return self.assemble(parts, remap[cls])

@@ -78,13 +78,6 @@ class CompressedEmbedding(nn.Module):
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
-    def take_rows(self, rows: torch.Tensor) -> CompressedEmbedding:
-        """A module of the same kind holding only `rows` (for kinds whose every tensor has one row
-        per token: the codes of quantised rows, not a shared decoder)."""
-        module = build_module({**self.spec(), "num_embeddings": len(rows)})
-        module.load_state_dict({k: t[rows].clone() for k, t in self.state_dict().items()})
-        return module
-
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "scale": self.scale, "method": self.method, "out_dtype": str(self.out_dtype).removeprefix("torch.")}
@@ -399,6 +392,16 @@ def check_spec(spec: Any) -> None:
     scale = spec.get("scale", 1.0)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise LmembedError(f"compressed module spec: scale = {scale!r}; expected a finite number")
+
+
+def concat_rows(parts: list[CompressedEmbedding]) -> CompressedEmbedding:
+    """One module holding the rows of `parts` in order (same kind and settings; for kinds whose
+    every tensor has one row per token, such as quantised codes and their scales)."""
+    if len(parts) == 1:
+        return parts[0]
+    module = build_module({**parts[0].spec(), "num_embeddings": sum(p.num_embeddings for p in parts)})
+    module.load_state_dict({k: torch.cat([p.state_dict()[k] for p in parts]) for k in parts[0].state_dict()})
+    return module
 
 
 def build_module(spec: dict[str, Any]) -> CompressedEmbedding:
