@@ -64,16 +64,8 @@ def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str 
     side_list = _sides(sides, sites)
     out = bench_dir(out, force=force, owned=BENCH_FILES)  # every input checked: now the folder
     (out / "rows").mkdir(exist_ok=True)
-    settings = {"model": model_spec, "text": text, "max_tokens": max_tokens, "seed": seed,
-                "metric": subject.metric, "eval": subject.eval_settings}
-    stats = resolve_calibration(subject.model, method_list, calib, tokenizer=subject.tokenizer,
-                                tokens=calib_tokens, seed=seed, progress=progress, log=log)
-    if stats is not None:
-        settings["calib"] = {"source": stats.source, "tokens": stats.tokens}
-    prev = out / "settings.json"
-    if prev.exists() and read_json(prev) != settings and not force:
-        raise LmembedError(f"{prev}: this folder holds a bench with other settings; pass --force to start over")
-    write_json(prev, settings)
+    settings, stats = bench_settings(out, subject, method_list, calib, calib_tokens, force, log, model=model_spec,
+                                     text=text, max_tokens=max_tokens, seed=seed, progress=progress)
 
     dense = _cached(out / "rows" / "dense.json", resume, lambda: _dense_row(subject, sites, log))
     rows = [dense]
@@ -90,6 +82,24 @@ def bench_compress(model_spec: str, out: str | Path, *, text: str, methods: str 
     write_json(out / "compress.json", result)
     log(_write_report(out, result, subject))
     return result
+
+
+def bench_settings(out: Path, subject: Subject, methods: list[str], calib: Any, calib_tokens: int | None, force: bool,
+                   log, *, model: str, text: str, max_tokens: int, seed: int,
+                   progress: bool | None) -> tuple[dict[str, Any], Any]:
+    """A bench folder's settings.json (the calibration used included, computed once for every row),
+    refused when the folder already holds a bench with other settings (unless `force`)."""
+    settings = {"model": model, "text": text, "max_tokens": max_tokens, "seed": seed, "metric": subject.metric,
+                "eval": subject.eval_settings}
+    stats = resolve_calibration(subject.model, methods, calib, tokenizer=subject.tokenizer, tokens=calib_tokens,
+                                seed=seed, progress=progress, log=log)
+    if stats is not None:
+        settings["calib"] = {"source": stats.source, "tokens": stats.tokens}
+    prev = out / "settings.json"
+    if prev.exists() and read_json(prev) != settings and not force:
+        raise LmembedError(f"{prev}: this folder holds a bench with other settings; pass --force to start over")
+    write_json(prev, settings)
+    return settings, stats
 
 
 def _write_report(out: Path, result: dict[str, Any], subject: Subject) -> str:

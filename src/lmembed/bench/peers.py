@@ -45,13 +45,14 @@ from ..common.report import _plt, markdown_table, write_text
 from ..common.runtime import seed_everything
 from ..compression import compress
 from ..compression.api import check_method
-from ..compression.calibrate import CalibStats, resolve_calibration
+from ..compression.calibrate import CalibStats
 from ..compression.fit_quality import matrix_stats
 from ..compression.hf import find_sites
 from ..compression.registry import as_pipeline
 from ..errors import LmembedError
 from ..evaluation.pretrained import EVAL_TOKENS
 from ..evaluation.subject import Subject, load_subject
+from .compress import bench_settings
 
 DEFAULT_METHODS = "kq2:g16,kq3:g32,kq3:g16,kq4:g32,int4:g32,kq4:g16,kq5:g16,kq6:g32,int8"
 # calibrated rows: with the default calibration (text sampled from the model) unless --calib says otherwise
@@ -484,16 +485,8 @@ def bench_peers(model_spec: str, out: str | Path, *, text: str, bits: str = DEFA
         check_method(m, v, d)
     out = bench_dir(out, force=force, owned=BENCH_FILES)
     (out / "rows").mkdir(exist_ok=True)
-    settings = {"model": model_spec, "text": text, "max_tokens": max_tokens, "seed": seed, "metric": subject.metric,
-                "eval": subject.eval_settings}
-    stats = resolve_calibration(subject.model, method_list, calib, tokenizer=subject.tokenizer,
-                                tokens=calib_tokens, seed=seed, progress=progress, log=log)
-    if stats is not None:
-        settings["calib"] = {"source": stats.source, "tokens": stats.tokens}
-    prev = out / "settings.json"
-    if prev.exists() and read_json(prev) != settings and not force:
-        raise LmembedError(f"{prev}: this folder holds a bench with other settings; pass --force to start over")
-    write_json(prev, settings)
+    settings, stats = bench_settings(out, subject, method_list, calib, calib_tokens, force, log, model=model_spec,
+                                     text=text, max_tokens=max_tokens, seed=seed, progress=progress)
     versions = {f: installed(f) for f in dict.fromkeys(c.family for c in configs)}
     rows = _all_rows(subject, out, method_list, configs, versions, stats, seed, resume, progress, log)
     result = {"bench": "peers", **settings, "lower_is_better": subject.lower_is_better, "shape": [v, d],

@@ -110,17 +110,10 @@ class KMixed(Mixed):
         if not all(lo <= b <= hi for b in self.choices):
             widths = "-".join(map(str, self.choices))
             raise LmembedError(f"method {self.text!r}: widths {widths} must lie in {lo}..{hi}")
-        if self.avg <= min(self.choices):
-            raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is not above the narrowest width "
-                               f"({min(self.choices)} bits, before its scales and the row map)")
+        super().check_args()
 
-    def check(self, num_embeddings: int, dim: int) -> None:
-        if self.group > dim:
-            raise LmembedError(f"method {self.text!r}: group size {self.group} exceeds the embedding dimension {dim}")
-        lo = row_bytes(dim, min(self.choices), self.group) * 8 / dim + map_bits(len(self.choices)) / dim
-        if self.avg < lo:
-            raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
-                               f"({lo:.3f} with its sub-scales, super-scales and the row map)")
+    def narrowest(self, dim: int) -> float:
+        return row_bytes(dim, min(self.choices), self.group) * 8 / dim + map_bits(len(self.choices)) / dim
 
     def candidate(self, rows: torch.Tensor, metric: torch.Tensor, bits: int) -> SuperBlockEmbedding:
         """Some rows at one width (rows are fitted independently of each other)."""

@@ -159,10 +159,14 @@ class Mixed(Method):
     def check(self, num_embeddings: int, dim: int) -> None:
         if self.group > dim:
             raise LmembedError(f"method {self.text!r}: group size {self.group} exceeds the embedding dimension {dim}")
-        lo = min(self.choices) + 16 / self.group + 8 / dim
+        lo = self.narrowest(dim)
         if self.avg < lo:
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
-                               f"({lo:.2f} with its scales and the row map)")
+                               f"({lo:.3f} with its scales and the row map)")
+
+    def narrowest(self, dim: int) -> float:
+        """Stored bits per value of a row at the narrowest width, its scales and map entry included."""
+        return min(self.choices) + 16 / self.group + 8 / dim
 
     def candidate(self, rows: torch.Tensor, metric: torch.Tensor, bits: int) -> CompressedEmbedding:
         """Some rows at one width (rows are fitted independently of each other)."""
