@@ -194,3 +194,12 @@ def test_fit_in_row_chunks_matches_the_whole_matrix_fit(stats, method, monkeypat
     assert a.stored_bytes() == b.stored_bytes() and len(a.parts) == len(b.parts)
     same = (a.dense() == b.dense()).all(1).float().mean().item()
     assert same >= 0.99, same  # equal up to a rare rounding tie decided differently by a BLAS kernel
+
+
+def test_superblock_logits_follow_a_reloaded_state(stats):
+    """The decoded group scales are kept between calls; loading other tensors in place re-decodes."""
+    a, b = quantize_superblock(torch.randn(V, D) * 0.05, 4, 16), quantize_superblock(torch.randn(V, D), 4, 16)
+    h = torch.randn(2, D)
+    torch.testing.assert_close(a.logits(h), h @ a.dense().t(), rtol=1e-4, atol=1e-4)
+    a.load_state_dict(b.state_dict())  # copied into the same storage
+    torch.testing.assert_close(a.logits(h), h @ b.dense().t(), rtol=1e-4, atol=1e-4)

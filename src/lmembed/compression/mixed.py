@@ -34,6 +34,8 @@ from .registry import (
     register,
 )
 
+LOGIT_POSITIONS = 64  # positions whose per-width logits are formed at once
+
 
 @register_module
 class MixedQuantizedEmbedding(CompressedEmbedding):
@@ -90,11 +92,15 @@ class MixedQuantizedEmbedding(CompressedEmbedding):
         return out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
-        for part, rows in zip(self.parts, self._rows, strict=True):
-            if len(rows):
-                out[..., rows] = part.logits(h)
-        return out
+        """Each width's logits scattered into their columns, LOGIT_POSITIONS positions at a time: the
+        per-width block is a temporary, so it stays small beside the (positions x V) output."""
+        flat = h.reshape(-1, h.shape[-1])
+        out = torch.empty(len(flat), self.num_embeddings, dtype=h.dtype, device=h.device)
+        for s in range(0, len(flat), LOGIT_POSITIONS):
+            for part, rows in zip(self.parts, self._rows, strict=True):
+                if len(rows):
+                    out[s : s + LOGIT_POSITIONS, rows] = part.logits(flat[s : s + LOGIT_POSITIONS])
+        return out.reshape(*h.shape[:-1], self.num_embeddings)
 
 
 def _choices(s: str) -> tuple[int, ...]:

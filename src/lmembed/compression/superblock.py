@@ -107,6 +107,19 @@ class SuperBlockEmbedding(CompressedEmbedding):
         sup = supers.float()
         return sup[:, :1] * sub[:, : self.groups], sup[:, 1:] * sub[:, self.groups :]
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._params_key = None  # tensors copied in place keep their address: decode again
+
+    def _decoded_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's group scales and negated mins, decoded once and kept (derived, not stored:
+        2 x V x groups floats, 8/G of the dense matrix), so decoding a token costs no 6-bit unpacking."""
+        key = (self.subs.data_ptr(), self.supers.data_ptr(), self.subs.device)
+        if getattr(self, "_params_key", None) != key:
+            s, m = self._group_params(self.subs, self.supers)
+            self._params, self._params_key = (s, -m), key
+        return self._params
+
     def _rows(self, codes: torch.Tensor, subs: torch.Tensor, supers: torch.Tensor) -> torch.Tensor:
         """Dequantised float32 rows from their stored parts."""
         n, d, g, groups = codes.shape[0], self.embedding_dim, self.group_size, self.groups
@@ -123,8 +136,8 @@ class SuperBlockEmbedding(CompressedEmbedding):
         of dequantised rows for a BLAS matmul."""
         flat = h.reshape(-1, self.embedding_dim)
         if flat.shape[0] <= KERNEL_MAX_ROWS:
-            s, m = self._group_params(self.subs, self.supers)
-            fast = packed_logits(self.codes, s, flat, bits=self.bits, group=self.group_size, offsets=-m)
+            s, neg_m = self._decoded_params()
+            fast = packed_logits(self.codes, s, flat, bits=self.bits, group=self.group_size, offsets=neg_m)
             if fast is not None:
                 return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
         out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
