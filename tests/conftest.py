@@ -39,3 +39,21 @@ def write_corpus(root: Path, layout: str = "ptb", n_train: int = 1500, seed: int
 @pytest.fixture
 def tiny_corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "tiny")
+
+
+def zipf_ids(n: int, seed: int = 0) -> torch.Tensor:
+    """Token ids of the tiny models drawn from a skewed (Zipf-like) distribution, as real text has."""
+    from tiny_models import V
+
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, V + 1).double()
+    return torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
+
+
+@pytest.fixture(scope="module")
+def stats():
+    """Calibration statistics of the tiny tied Llama on 1,024 Zipf-distributed ids (shared, read-only)."""
+    from lmembed.compression.calibrate import calibrate
+    from tiny_models import build
+
+    return calibrate(build("llama-tied"), zipf_ids(1024), tokens=1024, window=64, cache=False)

@@ -6,21 +6,10 @@ import pytest
 import torch
 
 import lmembed
+from conftest import zipf_ids
 from lmembed.compression.calibrate import calibrate
 from lmembed.errors import LmembedError
 from tiny_models import V, build
-
-
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    # a skewed (Zipf-like) token distribution, as real text has
-    g = torch.Generator().manual_seed(seed)
-    p = 1.0 / torch.arange(1, V + 1).double()
-    return torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
-
-
-@pytest.fixture(scope="module")
-def stats():
-    return calibrate(build("llama-tied"), _ids(1024), tokens=1024, window=64, cache=False)
 
 
 def weighted_error(model_orig, model_comp, stats, side="tied", mix=1.0, floor=0.1):
@@ -33,21 +22,21 @@ def weighted_error(model_orig, model_comp, stats, side="tied", mix=1.0, floor=0.
 
 
 def test_statistics_shapes_and_determinism(stats):
-    again = calibrate(build("llama-tied"), _ids(1024), tokens=1024, window=64, cache=False)
+    again = calibrate(build("llama-tied"), zipf_ids(1024), tokens=1024, window=64, cache=False)
     assert torch.equal(stats.hidden_moment, again.hidden_moment) and torch.equal(stats.out_prob, again.out_prob)
     assert stats.hidden_moment.shape == (32, 32) and torch.allclose(stats.hidden_moment, stats.hidden_moment.t())
     assert stats.out_prob.sum().item() == pytest.approx(1.0, abs=1e-6)  # mean of distributions
     assert stats.in_freq.sum().item() == 1024
-    other = calibrate(build("llama-tied"), _ids(1024, seed=1), tokens=1024, window=64, cache=False)
+    other = calibrate(build("llama-tied"), zipf_ids(1024, seed=1), tokens=1024, window=64, cache=False)
     assert not torch.equal(stats.in_freq, other.in_freq)
 
 
 def test_statistics_are_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("LMEMBED_CACHE", str(tmp_path))
-    a = calibrate(build("llama-tied"), _ids(512), tokens=512, window=64)
+    a = calibrate(build("llama-tied"), zipf_ids(512), tokens=512, window=64)
     files = list((tmp_path / "calib").glob("*.pt"))
     assert len(files) == 1
-    b = calibrate(build("llama-tied"), _ids(512), tokens=512, window=64)
+    b = calibrate(build("llama-tied"), zipf_ids(512), tokens=512, window=64)
     assert torch.equal(a.hidden_moment, b.hidden_moment)
 
 
@@ -103,7 +92,7 @@ def test_calibrated_method_without_calibration_or_a_way_to_get_one_is_refused():
 
 
 @pytest.mark.parametrize("calib, tokens, message", [
-    (_ids(100), 512, "100 tokens, fewer than the budget of 512"),
+    (zipf_ids(100), 512, "100 tokens, fewer than the budget of 512"),
     (torch.tensor([], dtype=torch.long), 16, "empty"),
     (torch.tensor([5, 7, V + 50, 3]), 4, f"id {V + 50} is outside the model's vocabulary 0..{V - 1}"),
 ])

@@ -18,17 +18,6 @@ from lmembed.errors import LmembedError
 from tiny_models import D, V, build, inputs
 
 
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    p = 1.0 / torch.arange(1, V + 1).double()
-    return torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
-
-
-@pytest.fixture(scope="module")
-def stats():
-    return calibrate(build("llama-tied"), _ids(1024), tokens=1024, window=64, cache=False)
-
-
 def _logits(model, arch="llama-tied", seed=0):
     with torch.no_grad():
         return model(**inputs(arch, seed)).logits
@@ -175,8 +164,8 @@ def test_mix_calibration_reads_the_bundled_corpora():
     from tiny_models import word_tokenizer
 
     tok = word_tokenizer(WORDS)
-    stats = calibrate(build("llama-tied"), "mix", tokenizer=tok, tokens=256, window=64, cache=False)
-    assert stats.source == "mix" and stats.tokens == 256 and stats.in_freq.sum().item() == 256
+    mixed = calibrate(build("llama-tied"), "mix", tokenizer=tok, tokens=256, window=64, cache=False)
+    assert mixed.source == "mix" and mixed.tokens == 256 and mixed.in_freq.sum().item() == 256
 
 
 @pytest.mark.parametrize("method", ["kmixed:5:g16", "mixed:5:g8"])
@@ -196,7 +185,7 @@ def test_fit_in_row_chunks_matches_the_whole_matrix_fit(stats, method, monkeypat
     assert same >= 0.99, same  # equal up to a rare rounding tie decided differently by a BLAS kernel
 
 
-def test_superblock_logits_follow_a_reloaded_state(stats):
+def test_superblock_logits_follow_a_reloaded_state():
     """The decoded group scales are kept between calls; loading other tensors in place re-decodes."""
     a, b = quantize_superblock(torch.randn(V, D) * 0.05, 4, 16), quantize_superblock(torch.randn(V, D), 4, 16)
     h = torch.randn(2, D)
