@@ -85,3 +85,16 @@ def add_run_dir_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite a non-empty run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     progress_flag(p)
+
+
+def calib_flags(p: argparse.ArgumentParser, *, apart_from: str) -> None:
+    """--calib and --calib-tokens, as every command with calibrated methods takes them."""
+    from ..compression.calibrate import DEFAULT_TOKENS, SOURCES
+
+    p.add_argument("--calib", help="calibration for calibrated methods (wsvd, wae, gptq-intB, mixed, kmixed, kl): "
+                                   f"a text (file, folder or corpus[:split]; keep it apart from {apart_from}), "
+                                   "'model' (text sampled from the model: the default), 'mix' (the bundled "
+                                   "corpora: the default for a model that cannot generate) or 'model+mix'")
+    p.add_argument("--calib-tokens", type=int, default=None,
+                   help=f"calibration budget in tokens (default: {DEFAULT_TOKENS} of a text, {SOURCES['model']} "
+                        f"sampled for 'model', {SOURCES['mix']} for 'mix')")

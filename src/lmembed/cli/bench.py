@@ -16,7 +16,6 @@ from ..bench.peers import DEFAULT_BITS, DEFAULT_PEERS, bench_peers
 from ..bench.peers import DEFAULT_METHODS as PEERS_METHODS
 from ..bench.seq2seq_tying import bench_seq2seq_tying
 from ..bench.tying import COMBOS, bench_tying, pick_combos
-from ..compression.calibrate import DEFAULT_TOKENS, SOURCES
 from ..compression.registry import describe_methods
 from ..config import RunConfig, Seq2SeqConfig
 from ..errors import LmembedError
@@ -24,6 +23,7 @@ from ..evaluation.pretrained import EVAL_TOKENS
 from ..evaluation.similarity import DEFAULT_ANALOGIES
 from .args import (
     add_config_flags,
+    calib_flags,
     config_values,
     lm_config_from_args,
     progress_flag,
@@ -31,10 +31,6 @@ from .args import (
 )
 from .finetune import add_finetune_args, finetune_inputs
 
-CALIB_HELP = ("calibration for calibrated methods: a text (file, folder, corpus[:split]; keep it apart from --data), "
-              "'model' (text sampled from the model: the default), 'mix' (the bundled corpora) or 'model+mix'")
-CALIB_TOKENS_HELP = (f"calibration budget in tokens (default: {DEFAULT_TOKENS} of a text, {SOURCES['model']} sampled "
-                     f"for 'model', {SOURCES['mix']} for 'mix')")
 BENCHES = ("tying", "compress", "embeddings", "finetune", "peers")
 
 
@@ -110,8 +106,7 @@ def add_compress(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="start over in a non-empty --out")
-    p.add_argument("--calib", help=CALIB_HELP)
-    p.add_argument("--calib-tokens", type=int, default=None, help=CALIB_TOKENS_HELP)
+    calib_flags(p, apart_from="--data")
     progress_flag(p)
     p.set_defaults(func=lambda args: bench_compress(
         args.model, args.out, text=args.data, methods=args.methods, sides=args.sides, max_tokens=args.max_tokens,
@@ -188,8 +183,7 @@ def add_peers(sub) -> None:
     p.add_argument("--peers", default=DEFAULT_PEERS,
                    help="comma-separated families (their default settings) or family:SETTING, e.g. hqq:4b-g64, "
                         "gguf:Q4_0, quanto:qint4-g32, torchao:int4-g32-asym (default: %(default)s)")
-    p.add_argument("--calib", help=CALIB_HELP)
-    p.add_argument("--calib-tokens", type=int, default=None, help=CALIB_TOKENS_HELP)
+    calib_flags(p, apart_from="--data")
     p.add_argument("--max-tokens", type=int, default=EVAL_TOKENS, help="evaluate on the first N tokens of the text")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

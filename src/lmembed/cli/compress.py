@@ -10,7 +10,6 @@ from ..common.locks import locked
 from ..common.report import markdown_table
 from ..common.runtime import seed_everything
 from ..compression import compress, save
-from ..compression.calibrate import DEFAULT_TOKENS, SOURCES
 from ..compression.hf import SIDES
 from ..compression.registry import as_pipeline, describe_methods
 from ..errors import LmembedError
@@ -18,7 +17,7 @@ from ..evaluation.pretrained import EVAL_TOKENS
 from ..evaluation.subject import Subject, load_subject
 from ..evaluation.targets import open_model
 from ..export.blocks import BLOCK_TYPES
-from .args import progress_flag
+from .args import calib_flags, progress_flag
 
 
 def add_parser(sub) -> None:
@@ -32,13 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--side", default="auto", choices=SIDES,
                    help="auto: both sides (one module if tied) or the input when there is no head; input: the "
                         "paper's protocol (head stays dense)")
-    p.add_argument("--calib", help="calibration for calibrated methods (wsvd, wae, gptq-intB, mixed, kmixed, kl): "
-                                    "file, folder or corpus[:split], or 'model' (text sampled from the model), "
-                                    "'mix' (the bundled corpora), 'model+mix'; default: model, or mix for a model "
-                                    "that cannot generate. Keep a text apart from --eval-text")
-    p.add_argument("--calib-tokens", type=int, default=None,
-                   help=f"calibration budget in tokens (default: {DEFAULT_TOKENS} of a text, "
-                        f"{SOURCES['model']} sampled for 'model', {SOURCES['mix']} for 'mix')")
+    calib_flags(p, apart_from="--eval-text")
     p.add_argument("--eval-text", help="evaluate dense and compressed on this text (file, folder, corpus[:split])")
     p.add_argument("--max-tokens", type=int, default=EVAL_TOKENS, help="tokens of --eval-text to evaluate on")
     p.add_argument("--gguf-type", choices=sorted(BLOCK_TYPES), metavar="TYPE",
