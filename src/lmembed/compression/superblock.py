@@ -53,6 +53,7 @@ from .quantize import RowQuantizer, check_group, width_variant
 from .registry import Arg, FitContext, group_size, non_negative_int
 
 SUB_BITS = 6  # bits of a group's sub-scale and of its sub-min
+PARAM_ROWS = 1024  # rows whose 6-bit sub-parameters are unpacked at once (unpacking is wide)
 SUB_MAX = (1 << SUB_BITS) - 1
 BITS_RANGE = (2, 8)
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -115,8 +116,10 @@ class SuperBlockEmbedding(CompressedEmbedding):
         """Every row's group scales and negated mins, decoded once and kept (derived, not stored:
         2 x V x groups floats, 8/G of the dense matrix), so decoding a token costs no 6-bit unpacking."""
         key = (self.subs.data_ptr(), self.supers.data_ptr(), self.subs.device)
-        if getattr(self, "_params_key", None) != key:
-            s, m = self._group_params(self.subs, self.supers)
+        if getattr(self, "_params_key", None) != key:  # a chunk of rows at a time: unpacking bits is wide
+            pairs = [self._group_params(self.subs[e], self.supers[e])
+                     for e in (slice(r, r + PARAM_ROWS) for r in range(0, self.num_embeddings, PARAM_ROWS))]
+            s, m = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
             self._params, self._params_key = (s, -m), key
         return self._params
 
@@ -135,16 +138,16 @@ class SuperBlockEmbedding(CompressedEmbedding):
         """Few hidden states: the packed-code kernel (lmembed.compression.kernels); many: chunks
         of dequantised rows for a BLAS matmul."""
         flat = h.reshape(-1, self.embedding_dim)
+        s, neg_m = self._decoded_params()
         if flat.shape[0] <= KERNEL_MAX_ROWS:
-            s, neg_m = self._decoded_params()
             fast = packed_logits(self.codes, s, flat, bits=self.bits, group=self.group_size, offsets=neg_m)
             if fast is not None:
                 return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
         out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
         for s0 in range(0, self.num_embeddings, LOGIT_CHUNK):
             e = slice(s0, s0 + LOGIT_CHUNK)
-            s, m = self._group_params(self.subs[e], self.supers[e])
-            w = decode(self.codes[e], s, self.embedding_dim, bits=self.bits, group=self.group_size, offsets=-m)
+            w = decode(self.codes[e], s[e], self.embedding_dim, bits=self.bits, group=self.group_size,
+                       offsets=neg_m[e])
             w = (w if w is not None else self._rows(self.codes[e], self.subs[e], self.supers[e])).to(h.dtype)
             out[..., s0 : s0 + w.shape[0]] = h @ w.t()
         return out
