@@ -122,6 +122,10 @@ OTHER_BAD = [
     (["compress", "{tmp}/nomodel", "--method", "int8", "--out", "{tmp}/o"], "nomodel"),
     (["compress", "x.gguf", "--method", "int8", "--out", "{tmp}/o"], "GGUF output needs a GGUF model"),
     (["train", "--out", "{tmp}/t", "--nonsense"], "unrecognized arguments: --nonsense"),
+    (["compress", "smollm2", "--method", "kmixed:4", "--calib-tokens", "-3", "--out", "{tmp}/o"],
+     "--calib-tokens: expected a positive number of tokens, not -3"),
+    (["bench", "peers", "smollm2", "--bits", "abc", "--out", "{tmp}/p"], "--bits: 'abc' is not a number"),
+    (["bench", "peers", "smollm2", "--peers", "awq", "--out", "{tmp}/p"], "'awq' is not a peer"),
 ]
 
 
