@@ -56,7 +56,6 @@ DEFAULT_CALIB = "model"
 SAMPLE_BATCH = 16  # sequences sampled in parallel
 PROB_ROWS = 256  # positions whose probabilities are formed at once (a 256 x V float block)
 SAMPLE_LENGTH = 256  # tokens per sampled sequence (capped by the model's context)
-SAMPLE_TEMPERATURE = 1.0  # the model's own distribution
 CALIB_VERSION = "2"  # part of the cache key of the built-in sources
 
 
@@ -258,7 +257,7 @@ def calibrate(model: torch.nn.Module, calib: Any, *, tokenizer: Any = None, toke
     key.update(ids.numpy().tobytes())
     key.update(f"{window}:{sample}:{seed}".encode())
     if source in SOURCES:
-        key.update(f"{source}:{sampled}:{SAMPLE_BATCH}:{SAMPLE_LENGTH}:{SAMPLE_TEMPERATURE}:{CALIB_VERSION}".encode())
+        key.update(f"{source}:{sampled}:{SAMPLE_BATCH}:{SAMPLE_LENGTH}:1.0:{CALIB_VERSION}".encode())
     path = _cache_dir() / f"{key.hexdigest()[:20]}.pt"
     if cache and path.exists():
         try:
@@ -292,7 +291,7 @@ def _collect(model: torch.nn.Module, ids: torch.Tensor, sampled: int, source: st
     bar = None if progress is None else not progress
     try:
         if len(ids):
-            _text_pass(model, ids, acc, captured, window, batch, bar)
+            _text_pass(model, head, ids, acc, captured, window, batch, bar)
         if sampled:
             _sample_pass(model, acc, captured, sampled, seed, bar)
     finally:
@@ -301,8 +300,8 @@ def _collect(model: torch.nn.Module, ids: torch.Tensor, sampled: int, source: st
     return acc.stats(source, sample, seed)
 
 
-def _text_pass(model: torch.nn.Module, ids: torch.Tensor, acc: _Moments, captured: list[torch.Tensor],
-               window: int, batch: int, disable: bool | None) -> None:
+def _text_pass(model: torch.nn.Module, head: torch.nn.Module, ids: torch.Tensor, acc: _Moments,
+               captured: list[torch.Tensor], window: int, batch: int, disable: bool | None) -> None:
     """Forward windows of the text, `batch` at a time; the head's inputs arrive through `captured`."""
     from ..models.pretrained import context_length
 
@@ -310,7 +309,6 @@ def _text_pass(model: torch.nn.Module, ids: torch.Tensor, acc: _Moments, capture
     device = next(model.parameters()).device
     n_rows = max(1, len(ids) // window)
     rows = ids[: n_rows * window].view(n_rows, window)
-    head = find_sites(model).output_module
     lean = _logits_are_the_heads(model)
     for s in tqdm(range(0, n_rows, batch), desc="calibrating", disable=disable, leave=False):
         captured.clear()
@@ -339,26 +337,25 @@ def _sample_pass(model: torch.nn.Module, acc: _Moments, captured: list[torch.Ten
                   if isinstance(t, int)), 0)
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
+    # the key/value cache argument is `cache` or `past_key_values` by the transformers version at hand
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     bar = tqdm(total=seqs * length, desc="sampling", disable=disable, leave=False)
     for s0 in range(0, seqs, SAMPLE_BATCH):
         x = torch.full((min(SAMPLE_BATCH, seqs - s0), 1), start, dtype=torch.long)
         past = None
         for _ in range(length):
             captured.clear()
-            out, past = _step(model, x.to(device), past)
-            p = acc.add(captured[-1][:, -1], out.logits[:, -1])
+            out, past = _step(model, x.to(device), past, cache_arg)
+            p = acc.add(captured[-1][:, -1], out.logits[:, -1])  # the model's own distribution (temperature 1)
             acc.in_freq += p.double().sum(0).cpu()
-            q = p if SAMPLE_TEMPERATURE == 1.0 else torch.softmax(out.logits[:, -1, : acc.v] / SAMPLE_TEMPERATURE, -1)
-            x = torch.multinomial(q.float().cpu(), 1, generator=g)
+            x = torch.multinomial(p.float().cpu(), 1, generator=g)
             bar.update(len(x))
     bar.close()
 
 
-def _step(model: torch.nn.Module, x: torch.Tensor, past: Any) -> tuple[Any, Any]:
-    """One decoding step with the key/value cache (named `cache` or `past_key_values` by the
-    transformers version at hand)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=x, use_cache=True, **({name: past} if past is not None else {}))
+def _step(model: torch.nn.Module, x: torch.Tensor, past: Any, cache_arg: str) -> tuple[Any, Any]:
+    """One decoding step with the key/value cache, passed as `cache_arg`."""
+    out = model(input_ids=x, use_cache=True, **({cache_arg: past} if past is not None else {}))
     nxt = getattr(out, "cache", None)
     return out, nxt if nxt is not None else getattr(out, "past_key_values", None)
 

@@ -83,11 +83,6 @@ class MixedSuperBlockEmbedding(MixedQuantizedEmbedding):
         return {**super().spec(), "map_bits": self.map_bits, "group_size": self.parts[0].group_size}
 
 
-def _kq_choices(s: str) -> tuple[int, ...]:
-    return _choices(s)
-
-
-_kq_choices.show = _choices.show  # type: ignore[attr-defined]
 
 
 @register
@@ -99,7 +94,7 @@ class KMixed(Mixed):
     positional = (Arg("avg", positive_float, required=True, help="stored bits per matrix value, everything counted"),
                   Arg("group", group_size, 32, "gG: columns per 6-bit sub-scale and sub-min (default g32)"))
     options = (
-        Arg("choices", _kq_choices, (2, 3, 4, 5, 6), "allowed widths (2..8), e.g. 3-4-6"),
+        Arg("choices", _choices, (2, 3, 4, 5, 6), "allowed widths (2..8), e.g. 3-4-6"),
         Arg("gptq", bool_flag, False, "round each width's codes against the calibration metric with error feedback"),
         Arg("search", non_negative_int, 5, "candidate scales tried per group by the kq fit"),
         MIX, DAMP, FLOOR,
