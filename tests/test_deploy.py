@@ -164,13 +164,13 @@ def test_export_refuses_what_it_cannot_write(tmp_path, tiny_corpus):
         export_hf(tmp_path / "run-int8", tmp_path / "o")
 
 
-@pytest.mark.parametrize("method", ["int8", "svd:8 > int4:g8", "mixed:4.5:g16", "wsvd:8", "kq4:g16",
+@pytest.mark.parametrize("method", ["int8", "svd:8 > int4:g8", "mixed:4.5:g16", "wsvd:8", "kq4:g16", "tc:5",
                                     "groupreduce:8:2:corpus={corpus}", "trim:{corpus} > int8"])
 def test_every_module_kind_saves_loads_and_opens_through_transformers(method, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 5) + "\n")
     model, tok = build("llama-tied"), word_tokenizer(WORDS)
-    calib = torch.arange(3, 300).repeat(8) if method.split(":")[0] in ("mixed", "wsvd") else None
+    calib = torch.arange(3, 300).repeat(8) if method.split(":")[0] in ("mixed", "wsvd", "tc") else None
     rep = lmembed.compress(model, method.format(corpus=corpus), tokenizer=tok, calib=calib, calib_tokens=2048)
     folder = lmembed.save(model, tmp_path / "m", tokenizer=rep.pop("tokenizer", tok))
     ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -8,6 +8,9 @@ One forward pass of the *original* model over a calibration text collects:
 - ``out_prob`` (V,): the mean predicted probability of each token. The logit error of a token
   the model never predicts barely moves the softmax; a token with probability p weighs ~p.
 - ``in_freq`` (V,): how often each token is an input, i.e. how often its row is looked up.
+- ``input_fisher`` G = E[g gᵀ] (d x d) of the gradients g at the input embeddings, for next
+  tokens drawn from the model (FISHER_TOKENS positions, one backward pass each window): what an
+  input-row error costs the loss, to second order, on the same scale as H (tc uses H + G).
 
 Besides a text (a file, a bundled corpus, token ids), two built-in sources need no text from the
 user's domain, which nobody knows in advance:
@@ -35,7 +38,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,8 @@ DEFAULT_CALIB = "model"
 SAMPLE_BATCH = 16  # sequences sampled in parallel
 PROB_ROWS = 256  # positions whose probabilities are formed at once (a 256 x V float block)
 SAMPLE_LENGTH = 256  # tokens per sampled sequence (capped by the model's context)
-CALIB_VERSION = "2"  # part of the cache key of the built-in sources
+CALIB_VERSION = "3"  # part of every cache key (3: the input Fisher)
+FISHER_TOKENS = 1024  # positions whose input-embedding gradients make the input Fisher
 
 
 @dataclass
@@ -68,6 +72,7 @@ class CalibStats:
     source: str
     dim: int
     hidden_sample: torch.Tensor | None = None  # (n, d) float32: a sample of h for fine-tuning
+    input_fisher: torch.Tensor | None = None  # d x d float64: G = E[g gᵀ] at the input embeddings
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,7 +260,7 @@ def calibrate(model: torch.nn.Module, calib: Any, *, tokenizer: Any = None, toke
     key = hashlib.sha1()
     key.update(content_hash(sites.input_weight).encode())  # read in place, no copy of the matrix
     key.update(ids.numpy().tobytes())
-    key.update(f"{window}:{sample}:{seed}".encode())
+    key.update(f"{window}:{sample}:{seed}:{CALIB_VERSION}".encode())
     if source in SOURCES:
         key.update(f"{source}:{sampled}:{SAMPLE_BATCH}:{SAMPLE_LENGTH}:1.0:{CALIB_VERSION}".encode())
     path = _cache_dir() / f"{key.hexdigest()[:20]}.pt"
@@ -289,20 +294,56 @@ def _collect(model: torch.nn.Module, ids: torch.Tensor, sampled: int, source: st
     was_training = model.training
     model.eval()
     bar = None if progress is None else not progress
+    seqs = []
     try:
         if len(ids):
-            _text_pass(model, head, ids, acc, captured, window, batch, bar)
+            seqs.extend(_text_pass(model, head, ids, acc, captured, window, batch, bar))
         if sampled:
-            _sample_pass(model, acc, captured, sampled, seed, bar)
+            seqs.extend(_sample_pass(model, acc, captured, sampled, seed, bar))
     finally:
         hook.remove()
+    try:
+        fisher = input_fisher(model, seqs, seed)
+    finally:
         model.train(was_training)
-    return acc.stats(source, sample, seed)
+    return replace(acc.stats(source, sample, seed), input_fisher=fisher)
+
+
+def input_fisher(model: torch.nn.Module, seqs: list[torch.Tensor], seed: int) -> torch.Tensor | None:
+    """G = E[g gᵀ] over the first FISHER_TOKENS positions of `seqs`, g the gradient at the input
+    embedding of the log-loss of next tokens drawn from the model itself (the Fisher information,
+    so G is what an input-row error costs the loss to second order). None for a model that takes
+    no input embeddings (not a transformers model)."""
+    if not hasattr(model, "config") or not seqs:
+        return None
+    emb, device = model.get_input_embeddings(), next(model.parameters()).device
+    g_sum, n = None, 0
+    gen = torch.Generator().manual_seed(seed + 1)
+    for seq in seqs:
+        if n >= FISHER_TOKENS:
+            break
+        seq = seq[: FISHER_TOKENS - n].view(1, -1).to(device)
+        with torch.enable_grad():
+            x = emb(seq).detach().float().requires_grad_(True)
+            logits = _logits_of_embeds(model, x)[0].float()
+            with torch.no_grad():
+                y = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen).flatten().to(device)
+            (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y, reduction="sum"), x)
+        g = g[0].double().cpu()
+        g_sum = g.t() @ g if g_sum is None else g_sum + g.t() @ g
+        n += len(g)
+    return g_sum / n if n else None
+
+
+def _logits_of_embeds(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(inputs_embeds=x.to(next(model.parameters()).dtype))
+    return out.logits if hasattr(out, "logits") else out[0]
 
 
 def _text_pass(model: torch.nn.Module, head: torch.nn.Module, ids: torch.Tensor, acc: _Moments,
-               captured: list[torch.Tensor], window: int, batch: int, disable: bool | None) -> None:
-    """Forward windows of the text, `batch` at a time; the head's inputs arrive through `captured`."""
+               captured: list[torch.Tensor], window: int, batch: int, disable: bool | None) -> list[torch.Tensor]:
+    """Forward windows of the text, `batch` at a time; the head's inputs arrive through `captured`.
+    Returns the windows (the input Fisher's sequences)."""
     from ..models.pretrained import context_length
 
     window = min(window, context_length(model))
@@ -322,12 +363,14 @@ def _text_pass(model: torch.nn.Module, head: torch.nn.Module, ids: torch.Tensor,
         h = captured[-1].reshape(-1, captured[-1].shape[-1])
         for c in range(0, len(h), PROB_ROWS):  # the head runs here, a chunk of positions at a time
             acc.add(h[c : c + PROB_ROWS], head(h[c : c + PROB_ROWS]))
+    return list(rows)
 
 
 def _sample_pass(model: torch.nn.Module, acc: _Moments, captured: list[torch.Tensor], tokens: int, seed: int,
-                 disable: bool | None) -> None:
+                 disable: bool | None) -> list[torch.Tensor]:
     """Sample whole sequences from the start token (SAMPLE_BATCH at a time, a seeded generator),
-    folding in each step's hidden states and probabilities; the input counts are the expected ones."""
+    folding in each step's hidden states and probabilities; the input counts are the expected ones.
+    Returns the sampled sequences."""
     from ..models.pretrained import context_length
 
     length = min(SAMPLE_LENGTH, context_length(model))
@@ -340,17 +383,21 @@ def _sample_pass(model: torch.nn.Module, acc: _Moments, captured: list[torch.Ten
     # the key/value cache argument is `cache` or `past_key_values` by the transformers version at hand
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     bar = tqdm(total=seqs * length, desc="sampling", disable=disable, leave=False)
+    out_seqs: list[torch.Tensor] = []
     for s0 in range(0, seqs, SAMPLE_BATCH):
         x = torch.full((min(SAMPLE_BATCH, seqs - s0), 1), start, dtype=torch.long)
-        past = None
+        steps, past = [x], None
         for _ in range(length):
             captured.clear()
             out, past = _step(model, x.to(device), past, cache_arg)
             p = acc.add(captured[-1][:, -1], out.logits[:, -1])  # the model's own distribution (temperature 1)
             acc.in_freq += p.double().sum(0).cpu()
             x = torch.multinomial(p.float().cpu(), 1, generator=g)
+            steps.append(x)
             bar.update(len(x))
+        out_seqs.extend(torch.cat(steps[:-1], 1))
     bar.close()
+    return out_seqs
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, past: Any, cache_arg: str) -> tuple[Any, Any]:

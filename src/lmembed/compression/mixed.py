@@ -125,20 +125,26 @@ def row_costs(weight: torch.Tensor, quantized: QuantizedEmbedding, row_weight: t
 
 
 def allocate(costs: torch.Tensor, bits_per_row: torch.Tensor, budget: float) -> torch.Tensor:
-    """costs (V x C), bits_per_row (C,) stored bits of one row at each width; returns the class
-    per row minimising Σ cost subject to Σ bits <= budget (Lagrangian bisection)."""
-    v = costs.shape[0]
-    if bits_per_row.min().item() * v > budget + 1e-6:
-        raise LmembedError(f"mixed precision: the budget of {budget / v:.1f} bits per row is below the narrowest "
-                           f"width's {bits_per_row.min().item():.1f}")
-    lo, hi = 0.0, float(costs.max().item() / max(1e-12, (bits_per_row.max() - bits_per_row.min()).item())) * 4 + 1.0
+    """costs (N x C), bits_per_row (C,) stored bits of one row at each width, or (N x C) when items
+    differ; returns the class per row minimising Σ cost subject to Σ bits <= budget (Lagrangian
+    bisection)."""
+    bits = (bits_per_row if bits_per_row.dim() == 2 else bits_per_row[None, :]).double()
+    bits = bits.expand(costs.shape[0], -1)
+    if bits.min(1).values.sum().item() > budget + 1e-6:
+        raise LmembedError(f"mixed precision: the budget of {budget / costs.shape[0]:.1f} bits per row is below the "
+                           f"narrowest width's {bits.min(1).values.mean().item():.1f}")
+    spread = max(1e-12, (bits.max() - bits.min()).item())
+    lo, hi = 0.0, float(costs.max().item() / spread) * 4 + 1.0
 
     def pick(lam: float) -> torch.Tensor:
-        return (costs + lam * bits_per_row[None, :].double()).argmin(1)
+        return (costs + lam * bits).argmin(1)
+
+    def total(c: torch.Tensor) -> float:
+        return bits.gather(1, c[:, None]).sum().item()
 
     for _ in range(100):
         mid = (lo + hi) / 2
-        if bits_per_row[pick(mid)].sum().item() > budget:
+        if total(pick(mid)) > budget:
             lo = mid
         else:
             hi = mid
