@@ -45,9 +45,10 @@ SCALE_ZERO = 128
 FIRST_BAND = 4  # columns of the most important band; each next band is twice as wide
 DECODE_ROWS = 8192  # rows decoded at once by the head
 MAX_BANDS = 32
-# The second-order cost undercounts input errors (they travel through every layer): on SmolLM2 at
-# 3 bits, H + G gave +10.3 % perplexity, H + 2G +9.7 %, H + G/2 +10.9 % (wiki:test)
-INPUT_WEIGHT = 2.0
+# Both roles' second-order costs are in nats per token, so they add with weight 1. Measured on
+# SmolLM2 (wiki:test, perplexity): 3 bits: a = 0.5 / 1 / 1.5 / 2 / 4: +10.9 / +10.3 / +9.8 / +9.7 /
+# +12.0 %; 3.5 bits: a = 1 / 1.5 / 2: +4.5 / +5.5 / +5.3 %. No weight wins both, so the theory's.
+INPUT_WEIGHT = 1.0
 FALLBACK_INPUT = 0.05  # no input Fisher: the input role as this multiple of H's mean diagonal
 
 
