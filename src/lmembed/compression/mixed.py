@@ -23,7 +23,15 @@ import torch
 
 from ..errors import LmembedError
 from .calibrated import DAMP, FLOOR, MIX, gptq_rows, metric_for, need_calib
-from .modules import FIT_ROWS, CompressedEmbedding, QuantizedEmbedding, build_module, concat_rows, register_module
+from .modules import (
+    FIT_ROWS,
+    CompressedEmbedding,
+    IndexedEmbedding,
+    QuantizedEmbedding,
+    build_module,
+    concat_rows,
+    register_module,
+)
 from .quantize import CLIP, GRID
 from .registry import (
     Arg,
@@ -38,7 +46,7 @@ LOGIT_POSITIONS = 64  # positions whose per-width logits are formed at once
 
 
 @register_module
-class MixedQuantizedEmbedding(CompressedEmbedding):
+class MixedQuantizedEmbedding(IndexedEmbedding):
     """Rows quantised at different widths: one QuantizedEmbedding per width + a row -> width map."""
 
     kind = "mixed"
@@ -61,15 +69,6 @@ class MixedQuantizedEmbedding(CompressedEmbedding):
             slot[rows] = torch.arange(len(rows), device=cls.device)
             self._rows.append(rows)
         self._slot = slot
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._index()
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._index()
-        return out
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> MixedQuantizedEmbedding:

@@ -86,6 +86,23 @@ class CompressedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.stored_bytes():,} bytes"
 
 
+class IndexedEmbedding(CompressedEmbedding):
+    """A module with derived lookup tables (row -> class, slot): rebuilt by `_index` whenever its
+    stored tensors are loaded or moved, never saved."""
+
+    def _index(self) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._index()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._index()
+        return out
+
+
 class DenseEmbedding(CompressedEmbedding):
     """A plain matrix (the codes of a factorisation, or a trimmed vocabulary)."""
 

@@ -35,7 +35,7 @@ import torch
 from ..errors import LmembedError
 from .calibrated import FLOOR, need_calib
 from .mixed import LOGIT_POSITIONS, allocate
-from .modules import FIT_ROWS, CompressedEmbedding, pack_bits, register_module, unpack_bits
+from .modules import FIT_ROWS, CompressedEmbedding, IndexedEmbedding, pack_bits, register_module, unpack_bits
 from .registry import Arg, FitContext, Method, non_negative_float, positive_float, positive_int, register
 
 WIDTHS = (0, 1, 2, 3, 4, 5, 6, 8)  # bits per code a (row, band) may get
@@ -103,7 +103,7 @@ def fixed_bits(num_embeddings: int, dim: int, sizes: list[int]) -> int:
 
 
 @register_module
-class TransformCodedEmbedding(CompressedEmbedding):
+class TransformCodedEmbedding(IndexedEmbedding):
     """E ~ Z R: Z's bands stored at per-(row, band) widths, R = the int8 decoder (see module doc)."""
 
     kind = "tc"
@@ -157,15 +157,6 @@ class TransformCodedEmbedding(CompressedEmbedding):
             self._cls.append(cls)
             self._slot.append(slot)
             self._rows.append(rows)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._index()
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._index()
-        return out
 
     def rotation(self) -> torch.Tensor:
         return self.decoder.float() * self.decoder_scales.float()[:, None]
