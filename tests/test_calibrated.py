@@ -8,14 +8,16 @@ import torch
 import lmembed
 from conftest import zipf_ids
 from lmembed.compression.calibrate import calibrate
+from lmembed.compression.calibrated import sensitivity
 from lmembed.errors import LmembedError
 from tiny_models import V, build
 
 
-def weighted_error(model_orig, model_comp, stats, side="tied", mix=1.0, floor=0.1):
+def weighted_error(model_orig, model_comp, stats, side="tied", mix=1.0, floor=0.1, metric=None):
+    """Σ_v w_v ΔE_v M ΔE_vᵀ; M = the `mix` metric unless given (wsvd/wae whiten by the sensitivity)."""
     e = model_orig.get_input_embeddings().weight.detach().double()
     ehat = model_comp.get_input_embeddings().dense().double()
-    m = stats.column_metric(side, mix=mix)
+    m = stats.column_metric(side, mix=mix) if metric is None else metric
     w = stats.row_weights(side, mix=mix, floor=floor).double()
     diff = e - ehat
     return (w * ((diff @ m) * diff).sum(1)).sum().item()
@@ -44,12 +46,30 @@ def test_statistics_are_cached_on_disk(tmp_path, monkeypatch):
                                                 ("wae:8:epochs=3", "ae:8:epochs=3"),
                                                 ("gptq-int4:g8", "int4:g8"), ("gptq-int3:g16", "int3:g16")])
 def test_calibrated_beats_uncalibrated_on_the_weighted_objective(stats, calibrated, plain):
+    """Each on the objective it minimises: wsvd/wae the sensitivity H + G with rows floored at
+    the mean, gptq the `mix` metric."""
     orig = build("llama-tied")
     a, b = build("llama-tied"), build("llama-tied")
     ra = lmembed.compress(a, calibrated, calib=stats)
     rb = lmembed.compress(b, plain)
     assert ra["stored_bytes"] == rb["stored_bytes"]  # the same budget
-    assert weighted_error(orig, a, stats) < 0.97 * weighted_error(orig, b, stats)
+    kw = dict(metric=sensitivity(stats, "tied"), floor=1.0) if calibrated.startswith("w") else {}
+    assert weighted_error(orig, a, stats, **kw) < 0.97 * weighted_error(orig, b, stats, **kw)
+
+
+def test_wsvd_is_the_best_rank_k_matrix_for_its_objective(stats):
+    """The closed form: undamped, no other rank-k matrix (here: wsvd with another metric, row
+    weights or damping, and the plain SVD) has a lower sensitivity-weighted error."""
+    orig = build("llama-tied")
+    m = sensitivity(stats, "tied")
+    errors = {}
+    for spec in ("wsvd:8:damp=0", "wsvd:8:damp=0:input=0", "wsvd:8:damp=0:floor=0.1", "wsvd:8:damp=0:input=4",
+                 "wsvd:8:damp=0.1", "svd:8"):
+        model = build("llama-tied")
+        lmembed.compress(model, spec, calib=stats)
+        errors[spec] = weighted_error(orig, model, stats, metric=m, floor=1.0)
+    best = errors.pop("wsvd:8:damp=0")
+    assert all(best < e for e in errors.values()), (best, errors)
 
 
 def test_mixed_precision_spends_bits_where_they_pay(stats):

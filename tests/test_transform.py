@@ -10,6 +10,7 @@ import torch
 import lmembed
 from lmembed.compression import CompressedHead
 from lmembed.compression.calibrate import calibrate
+from lmembed.compression.calibrated import sensitivity
 from lmembed.compression.modules import build_module, pack_bits
 from lmembed.compression.registry import parse_method
 from lmembed.compression.transform import (
@@ -20,7 +21,6 @@ from lmembed.compression.transform import (
     dequantize,
     fixed_bits,
     quantize_band,
-    sensitivity,
 )
 from lmembed.errors import LmembedError
 from tiny_models import D, V, build, inputs

