@@ -30,7 +30,7 @@ demo-compress: $(STAMP)
 	  --methods "int8,int4,int4:g32,svd:128,ae:128:epochs=3,svd:64,ae:64:epochs=3,trim:lee > int8"
 	$(VENV)/bin/lmembed bench compress smollm2 --data lee:test --calib lee:train --calib-tokens 4096 --max-tokens 2048 \
 	  --sides both --seed 0 --out runs/demo-compress-smollm2 \
-	  --methods "int8,int4:g32,gptq-int4:g32,mixed:4.5:g64:grid=half,svd:432,wsvd:432"
+	  --methods "int8,int4:g32,gptq-int4:g32,mixed:4.5:g64:grid=half,svd:432,wsvd:432,wsvd:432:alloc=rows:floor=3"
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -148,3 +148,35 @@ def test_calibration_runs_the_head_in_chunks_with_the_same_statistics():
     torch.testing.assert_close(lean.hidden_moment, plain.hidden_moment)
     torch.testing.assert_close(lean.out_prob, plain.out_prob)
     assert "forward" not in vars(model.get_output_embeddings())  # the head's own forward is back
+
+
+def _calib_kl(orig, model, stats) -> float:
+    h = stats.hidden_sample.float()
+    e = orig.get_input_embeddings().weight.detach().float()
+    with torch.no_grad():
+        target = torch.log_softmax(h @ e.t(), -1)
+        got = torch.log_softmax(model.get_input_embeddings().logits(h).float(), -1)
+    return torch.nn.functional.kl_div(got, target, log_target=True, reduction="batchmean").item()
+
+
+@pytest.mark.parametrize("spec, ratio", [("wsvd:8", 0.9), ("wsvd:8:alloc=rows", 0.97), ("int4:g8", 0.9),
+                                         ("gptq-int3:g16", 1.0)])
+def test_kl_stage_lowers_the_calibration_kl_deterministically(stats, spec, ratio):
+    """Factors and log-scales both take relative steps, so the defaults serve every kind (GPTQ's
+    codes leave its scales little to gain)."""
+    orig = build("llama-tied")
+    before, after, again = build("llama-tied"), build("llama-tied"), build("llama-tied")
+    lmembed.compress(before, spec, calib=stats)
+    lmembed.compress(after, f"{spec} > kl:30", calib=stats, seed=3)
+    lmembed.compress(again, f"{spec} > kl:30", calib=stats, seed=3)
+    assert _calib_kl(orig, after, stats) < ratio * _calib_kl(orig, before, stats)
+    assert torch.equal(after.get_input_embeddings().dense(), again.get_input_embeddings().dense())
+
+
+def test_a_kl_stage_that_ends_worse_hands_back_its_input(stats):
+    """Steps far too large make the fit worse on its own objective; the stage then returns what it
+    was given, bit for bit."""
+    plain, tuned = build("llama-tied"), build("llama-tied")
+    lmembed.compress(plain, "wsvd:8", calib=stats)
+    lmembed.compress(tuned, "wsvd:8 > kl:5:flr=3", calib=stats)
+    assert torch.equal(tuned.get_input_embeddings().dense(), plain.get_input_embeddings().dense())

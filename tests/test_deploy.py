@@ -164,8 +164,8 @@ def test_export_refuses_what_it_cannot_write(tmp_path, tiny_corpus):
         export_hf(tmp_path / "run-int8", tmp_path / "o")
 
 
-@pytest.mark.parametrize("method", ["int8", "svd:8 > int4:g8", "mixed:4.5:g16", "wsvd:8", "kq4:g16", "tc:5",
-                                    "groupreduce:8:2:corpus={corpus}", "trim:{corpus} > int8"])
+@pytest.mark.parametrize("method", ["int8", "svd:8 > int4:g8", "mixed:4.5:g16", "wsvd:8", "wsvd:8:alloc=rows",
+                                    "kq4:g16", "tc:5", "groupreduce:8:2:corpus={corpus}", "trim:{corpus} > int8"])
 def test_every_module_kind_saves_loads_and_opens_through_transformers(method, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 5) + "\n")

@@ -128,9 +128,8 @@ def _text_strategy(arg: registry.Arg):
         return st.one_of(st.integers(1, 99).map(str), st.integers(1, 999).map(lambda n: f"top{n}"))
     if arg.name == "choices":
         return st.lists(st.integers(1, 8), min_size=1, max_size=4).map(lambda b: "-".join(map(str, b)))
-    if arg.name in ("grid", "init", "alphabet"):
-        return st.sampled_from({"grid": ["int", "half"], "init": ["random", "svd"],
-                                "alphabet": ["corpus", "all", "none"]}[arg.name])
+    if getattr(p, "allowed", None):
+        return st.sampled_from(list(p.allowed))
     if p is str:
         return st.sampled_from(["lee", "shakespeare", "corpus_dir"])
     if arg.name == "split":

@@ -36,6 +36,7 @@ from .registry import (
     register,
 )
 from .remap import remap_tokenizer
+from .rowrank import RowRankEmbedding
 from .superblock import KQ2, KQ3, KQ4, KQ5, KQ6, KQ7, KQ8, SuperBlockEmbedding, SuperBlockQuant
 from .svd import SVD
 from .transform import TransformCodedEmbedding, TransformCoding
@@ -48,7 +49,7 @@ __all__ = [
     # the modules a compressed matrix is stored as
     "CompressedEmbedding", "CompressedHead", "DenseEmbedding", "FactorizedEmbedding", "QuantizedEmbedding",
     "MixedQuantizedEmbedding", "MixedSuperBlockEmbedding", "GroupedEmbedding", "TrimmedEmbedding",
-    "SuperBlockEmbedding", "TransformCodedEmbedding",
+    "SuperBlockEmbedding", "TransformCodedEmbedding", "RowRankEmbedding",
     # the methods, typed
     "SVD", "AutoEncoder", "RTN", "Int8", "Int4", "Int3", "Int2", "WeightedSVD", "WeightedAutoEncoder", "GPTQ",
     "GPTQInt8", "GPTQInt4", "GPTQInt3", "GPTQInt2", "Mixed", "KLFinetune", "Trim", "GroupReduce", "SuperBlockQuant",

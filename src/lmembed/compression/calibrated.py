@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import LmembedError
+from .allocation import allocate
 from .autoencoder import AutoEncoder, init_name
 from .modules import (
     FIT_ROWS,
@@ -38,11 +39,13 @@ from .registry import (
     FitContext,
     Method,
     bool_flag,
+    choice,
     fraction,
     non_negative_float,
     positive_int,
     register,
 )
+from .rowrank import RANK_BYTES, RowRankEmbedding
 from .svd import GRAM_ROWS, check_rank, gram_matrix, top_right_singular_vectors
 
 # Both roles' second-order costs are in nats per token, so they add with weight 1. Measured with tc on
@@ -113,13 +116,18 @@ LOW_RANK = (INPUT, Arg("damp", non_negative_float, 0.001, "added to the metric's
             Arg("floor", non_negative_float, 1.0, "row weights: floor as a fraction of the mean"))
 
 
+ALLOC = Arg("alloc", choice("uniform", "rows"), "uniform",
+            "rows: a rank per row (calibrated Lagrangian), no more stored bytes than rank RANK")
+ROW_RANK_CHOICES = 64  # per-row ranks are multiples of d // 64 (SmolLM2: 9; steps of 1 and 8 measured alike)
+
+
 @register
 class WeightedSVD(Method):
     needs_calib = True
     name = "wsvd"
     summary = "calibrated low-rank: SVD after whitening by the model's sensitivity H + a·G (needs calib)"
     positional = (Arg("rank", positive_int, required=True),)
-    options = LOW_RANK
+    options = (*LOW_RANK, ALLOC)
 
     def check(self, num_embeddings: int, dim: int) -> None:
         check_rank(self, self.rank, dim)
@@ -134,11 +142,50 @@ class WeightedSVD(Method):
         if len(r) != w.shape[0]:
             raise LmembedError(f"method {self.text!r}: calibration has {len(r)} tokens, the matrix {w.shape[0]} rows")
         # the right singular vectors of X = diag(r) W L, from its Gram matrix (X is never built)
-        vk = top_right_singular_vectors(w, self.rank, gram=gram_matrix(w, chol, r)).double()
+        keep = self.rank if self.alloc == "uniform" else w.shape[1]
+        vk = top_right_singular_vectors(w, keep, gram=gram_matrix(w, chol, r)).double()
         proj = chol @ vk  # codes = W L Vk: the row weights cancel in the reconstruction
-        codes = torch.cat([(c.double() @ proj).float() for c in w.split(GRAM_ROWS)])
         decoder = torch.linalg.solve_triangular(chol.t(), vk, upper=True).t()  # Vkᵀ L⁻¹
+        if self.alloc == "rows":
+            return self._row_ranks(w, proj, decoder, r.pow(2))
+        codes = torch.cat([(c.double() @ proj).float() for c in w.split(GRAM_ROWS)])
         return FactorizedEmbedding(codes, decoder.float())
+
+    def _row_ranks(self, w: torch.Tensor, proj: torch.Tensor, decoder: torch.Tensor,
+                   weights: torch.Tensor) -> RowRankEmbedding:
+        """Codes in the whitened basis (ordered by what each direction removes), so a row's error at
+        rank k is its weighted tail energy past k; one Lagrangian then spends the bytes of rank
+        RANK, trying three decoder sizes (a larger one leaves fewer codes to the rows)."""
+        v, d = w.shape
+        ranks = torch.cat([torch.arange(0, d, max(1, d // ROW_RANK_CHOICES)), torch.tensor([d])]).unique()
+        errors = []
+        for s, c in zip(range(0, v, GRAM_ROWS), w.split(GRAM_ROWS), strict=True):
+            tail = (c.double() @ proj).pow(2).flip(1).cumsum(1).flip(1)
+            tail = torch.cat([tail, tail.new_zeros(len(c), 1)], 1)
+            errors.append((tail[:, ranks] * weights[s:s + len(c), None]).float())
+        errors = torch.cat(errors)
+        bytes_left = 4 * (v * self.rank + self.rank * d) - v * RANK_BYTES  # rank RANK's bytes, less the rank map
+        best = None
+        for kmax in sorted({min(d, self.rank), (self.rank + d) // 2, d}):
+            allowed = int((ranks <= kmax).sum())
+            budget = bytes_left // 4 - kmax * d
+            if budget < 0:
+                continue
+            pick = allocate(errors[:, :allowed], ranks[:allowed].double(), budget)
+            cost = float(errors.gather(1, pick[:, None]).sum())
+            if best is None or cost < best[0]:
+                best = (cost, ranks[pick], kmax)
+        if best is None:
+            raise LmembedError(f"method {self.text!r}: rank {self.rank} of a {v} x {d} matrix leaves no bytes "
+                               "for per-row ranks (use alloc=uniform)")
+        _, row_rank, kmax = best
+        codes = []
+        for k in row_rank.unique().tolist():
+            rows = (row_rank == k).nonzero().flatten()
+            if k:
+                codes.append((w[rows].double() @ proj[:, :k]).float().flatten())
+        codes = torch.cat(codes) if codes else torch.zeros(0)
+        return RowRankEmbedding(codes, row_rank, decoder[:kmax].float())
 
 
 def gptq_rows(weight: torch.Tensor, metric: torch.Tensor, bits: int, group: int, block: int = 128,

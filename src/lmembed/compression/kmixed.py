@@ -5,7 +5,7 @@ is picked per row from `choices`, so that the *stored* bits per matrix value (co
 sub-parameters, fp16 super-parameters and the bit-packed row-class map) average at most AVG.
 The widths minimise the calibrated cost Σ_v w_v · ΔE_v(B_v) M ΔE_v(B_v)ᵀ (row weights w and
 column metric M from the calibration statistics, calibrated.py), by the same Lagrangian
-allocation as `mixed` (mixed.allocate): a tied model predicts and looks up a few thousand tokens
+allocation as `mixed` (allocation.allocate): a tied model predicts and looks up a few thousand tokens
 almost all the time, so those rows get 5-8 bits and the long tail 2-3.
 
 Every candidate width is fitted on all rows (rows are independent), either calibration-free

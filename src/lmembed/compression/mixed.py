@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import LmembedError
+from .allocation import allocate
 from .calibrated import DAMP, FLOOR, MIX, gptq_rows, metric_for, need_calib
 from .modules import (
     FIT_ROWS,
@@ -121,33 +122,6 @@ def row_costs(weight: torch.Tensor, quantized: QuantizedEmbedding, row_weight: t
         diff = weight[ids].double() - quantized.lookup(ids).double()
         costs.append(((diff @ metric.double()) * diff).sum(1))
     return row_weight.double() * torch.cat(costs)
-
-
-def allocate(costs: torch.Tensor, bits_per_row: torch.Tensor, budget: float) -> torch.Tensor:
-    """costs (N x C), bits_per_row (C,) stored bits of one row at each width, or (N x C) when items
-    differ; returns the class per row minimising Σ cost subject to Σ bits <= budget (Lagrangian
-    bisection)."""
-    bits = (bits_per_row if bits_per_row.dim() == 2 else bits_per_row[None, :]).double()
-    bits = bits.expand(costs.shape[0], -1)
-    if bits.min(1).values.sum().item() > budget + 1e-6:
-        raise LmembedError(f"mixed precision: the budget of {budget / costs.shape[0]:.1f} bits per row is below the "
-                           f"narrowest width's {bits.min(1).values.mean().item():.1f}")
-    spread = max(1e-12, (bits.max() - bits.min()).item())
-    lo, hi = 0.0, float(costs.max().item() / spread) * 4 + 1.0
-
-    def pick(lam: float) -> torch.Tensor:
-        return (costs + lam * bits).argmin(1)
-
-    def total(c: torch.Tensor) -> float:
-        return bits.gather(1, c[:, None]).sum().item()
-
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if total(pick(mid)) > budget:
-            lo = mid
-        else:
-            hi = mid
-    return pick(hi)
 
 
 @register

@@ -254,6 +254,7 @@ def choice(*allowed: str) -> Callable[[str], str]:
             raise ValueError(f"expected one of {', '.join(allowed)}")
         return s
 
+    parse.allowed = allowed  # type: ignore[attr-defined]  # what a grammar fuzzer may draw from
     return parse
 
 

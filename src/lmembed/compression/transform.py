@@ -13,7 +13,7 @@ against +10.3 % at 3 bits):
    times the row-weighted energy of the coordinate) and divide each by its RMS;
 2. cut the coordinates into bands, narrow where importance is high (4, 8, 16, ... columns);
 3. give every (row, band) a width in WIDTHS, 0 bits included, by one Lagrangian allocation over
-   all of them (mixed.allocate) against the exact stored bits: the frequent rows' leading bands
+   all of them (allocation.allocate) against the exact stored bits: the frequent rows' leading bands
    get 8 bits, the tail's last bands 1 or 0;
 4. each (row, band) is a symmetric mid-rise uniform code with one 8-bit log-scale, its scale
    searched for the lowest weighted error.
@@ -33,8 +33,9 @@ from typing import Any
 import torch
 
 from ..errors import LmembedError
+from .allocation import allocate
 from .calibrated import FLOOR, INPUT, need_calib, sensitivity
-from .mixed import LOGIT_POSITIONS, allocate
+from .mixed import LOGIT_POSITIONS
 from .modules import FIT_ROWS, CompressedEmbedding, IndexedEmbedding, pack_bits, register_module, unpack_bits
 from .registry import Arg, FitContext, Method, positive_float, positive_int, register
 
