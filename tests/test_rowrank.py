@@ -78,12 +78,13 @@ def test_lookup_and_logits_follow_the_stored_codes(stats):
     """Row v is its k_v codes times the decoder's first k_v rows; logits are h times those rows."""
     model, _ = _rows_model(stats)
     m = model.get_input_embeddings()
-    rows, start = [], {}
-    for k, group, first in m._groups:
-        for i, v in enumerate(group.tolist()):
-            start[v] = (k, first + i * k)
+    rows, first = [], 0
+    start = {}
+    for v in torch.sort(m.ranks.long(), stable=True).indices.tolist():  # the stored order: by rank, then row
+        start[v] = first
+        first += int(m.ranks[v])
     for v in range(V):
-        k, s = start.get(v, (0, 0))
+        k, s = int(m.ranks[v]), start[v]
         rows.append(m.codes[s:s + k] @ m.decoder[:k] if k else torch.zeros(D))
     expected = torch.stack(rows).detach()
     torch.testing.assert_close(m.dense(), expected)

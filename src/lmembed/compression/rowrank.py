@@ -74,16 +74,16 @@ class RowRankEmbedding(IndexedEmbedding):
         self._position = torch.empty_like(ranks)  # each row's place in the stored order
         self._position[order] = torch.arange(len(ranks), device=ranks.device)
         self._zero_rows = int((ranks == 0).sum())  # they come first in that order
-        self._groups = []  # (rank, rows, first code): the rows of one rank hold one dense block
+        self._blocks = []  # (rank, rows of that rank, first code): each rank's codes are one dense block
         values, counts = torch.unique_consecutive(sizes, return_counts=True)
-        first = 0
+        start = 0
         for k, n in zip(values.tolist(), counts.tolist(), strict=True):
             if k:
-                self._groups.append((k, order[first:first + n], int(starts[first])))
-            first += n
+                self._blocks.append((k, n, start))
+            start += k * n
 
-    def block(self, k: int, rows: torch.Tensor, start: int) -> torch.Tensor:
-        return self.codes[start:start + len(rows) * k].view(len(rows), k)
+    def block(self, k: int, n: int, start: int) -> torch.Tensor:
+        return self.codes[start:start + n * k].view(n, k)
 
     # -- the two roles ----------------------------------------------------------------------------
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -98,7 +98,7 @@ class RowRankEmbedding(IndexedEmbedding):
         zt = (flat @ self.decoder.to(h.dtype).t()).t()
         out = torch.empty(len(flat), self.num_embeddings, dtype=h.dtype, device=h.device)
         position = self._position.to(h.device)
-        blocks = [(self.block(k, rows, start).to(h.dtype), k) for k, rows, start in self._groups]
+        blocks = [(self.block(k, n, start).to(h.dtype), k) for k, n, start in self._blocks]
         if torch.is_grad_enabled() and (zt.requires_grad or self.codes.requires_grad):
             for s in range(0, len(flat), LOGIT_POSITIONS):  # differentiable (the kl stage trains through it)
                 z = zt[:, s:s + LOGIT_POSITIONS]
