@@ -566,8 +566,12 @@ def plot_frontiers(path: Path, rows: list[dict[str, Any]], lower_is_better: bool
                 front.append((b, loss, name))
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=colour, marker="o",
                 label=f"{side}: best within budget")
+        last, below = -math.inf, False
         for b, loss, name in front:
-            ax.annotate(name, (b, loss), fontsize=7, xytext=(3, 4), textcoords="offset points", color=colour)
+            below = b - last < 0.2 and not below  # neighbours' labels alternate above and below their points
+            ax.annotate(name, (b, loss), fontsize=7, xytext=(5, -11) if below else (3, 4), textcoords="offset points",
+                        color=colour)
+            last = b
     ax.set_yscale("log")
     ax.set_xlabel("stored bits per value (everything counted)")
     ax.set_ylabel(f"{metric} loss vs dense, % (log; {floor} = none)")
