@@ -8,9 +8,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import stat
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +107,109 @@ def read_json(path: str | Path, what: str = "JSON file") -> Any:
         raise LmembedError(f"{path}: {what} is not valid JSON ({e})") from None
 
 
-def check_out_dir(out: str | Path, *, force: bool) -> Path:
-    """Refuse an output that is a file, or a non-empty folder without --force; changes nothing
-    (what --force replaces is replaced later, once the new result is complete)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
+# --- output folders: what --force may replace ----------------------------------------------------
+SAVE_MANIFEST, EXPORT_RECORD = "lmembed.json", "lmembed_export.json"
+# Names lmembed wrote in saves of format 1, which had no list of files.
+FORMAT1_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", SAVE_MANIFEST, "report.json",
+                           "report.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                           "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"})
+
+
+def real_path(path: str | Path) -> Path:
+    """`path` with links and '..' resolved (it need not exist): two spellings of one folder, or a
+    link and its target, are one output, one lock, one set of rules."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _json_object(path: Path) -> dict | None:
+    try:
+        if not path.is_file() or path.stat().st_size > 1 << 26:
+            return None
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def owned_names(folder: Path) -> set[str] | None:
+    """The names lmembed wrote in `folder` by the record it keeps there (a save's manifest, an
+    export's record), or None when the folder holds no such record."""
+    manifest = _json_object(folder / SAVE_MANIFEST)
+    if manifest is not None and isinstance(manifest.get("files"), dict):
+        return {str(f) for f in manifest["files"]} | {SAVE_MANIFEST}
+    if manifest is not None and manifest.get("format") == 1:
+        return set(FORMAT1_FILES)
+    record = _json_object(folder / EXPORT_RECORD)
+    if record is not None and isinstance(record.get("files"), list):
+        return {str(f) for f in record["files"] if isinstance(f, str)} | {EXPORT_RECORD}
+    return None
+
+
+def is_lmembed_output(folder: Path) -> bool:
+    """Whether `folder` is one lmembed wrote: a save or an export (their records list the files),
+    a run (its config.json is a run config, not a transformers one), a bench or fine-tune (its
+    settings.json), an analysis. Only such a folder, or an empty one, may be replaced by --force."""
+    if owned_names(folder) is not None:
+        return True
+    config = _json_object(folder / "config.json")
+    if config is not None and {"preset", "tie"} <= config.keys() and "model_type" not in config:
+        return True
+    settings = _json_object(folder / "settings.json")
+    if settings is not None and "model" in settings:
+        return True
+    return any(_json_object(folder / name) is not None for name in ("analysis.json", "embeddings.json", "tying.json",
+                                                                   "tying-seq2seq.json"))
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(e.name for e in folder.iterdir() if not TEMP.fullmatch(e.name))
+
+
+def _existing(given: Any) -> Path | None:
+    """The file or folder an input names, if it is one on disk (a text spec may add ':split')."""
+    if not isinstance(given, (str, Path)):
+        return None
+    for candidate in (str(given), str(given).rpartition(":")[0]):
+        if candidate and Path(candidate).expanduser().exists():
+            return real_path(candidate)
+    return None
+
+
+def check_not_input(out: str | Path, inputs: tuple[Any, ...] | list[Any]) -> None:
+    """Refuse an output that is an input, or a folder holding one (replacing it would destroy what
+    is being read), however either is spelled (links, '..')."""
+    target = real_path(out)
+    for given in inputs:
+        source = _existing(given)  # a bundled name or a hub id is nothing of the user's to overwrite
+        if source is not None and (source == target or target in source.parents):
+            what = "is the input" if source == target else "holds the input"
+            raise LmembedError(f"{out}: {what} {given}; write the output to another folder")
+
+
+def check_out_dir(out: str | Path, *, force: bool, inputs: tuple[Any, ...] | list[Any] = ()) -> Path:
+    """Refuse, before any work: an output that is a file, the filesystem root, an input (or holds
+    one), a non-empty folder without --force, or with --force one that lmembed did not write
+    (its files would be replaced). Changes nothing; returns `out` as given."""
+    path = Path(out).expanduser()
+    real = real_path(path)
+    if real.parent == real:
+        raise LmembedError(f"{out}: is the filesystem root; give a folder to write into")
+    check_not_input(out, inputs)
+    if real.exists() and not real.is_dir():
         raise LmembedError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise LmembedError(f"{out}: directory is not empty; pass --force to replace what lmembed wrote there")
-    return out
+    if real.is_dir() and _listing(real):
+        if not force:
+            raise LmembedError(f"{out}: directory is not empty; pass --force to replace what lmembed wrote there")
+        refuse_foreign(real, out)
+    return path
+
+
+def refuse_foreign(real: Path, shown: str | Path) -> None:
+    """One clear line when --force would replace a folder lmembed did not write."""
+    if not is_lmembed_output(real):
+        sample = ", ".join(_listing(real)[:3])
+        raise LmembedError(f"{shown}: holds files lmembed did not write ({sample}...); --force replaces only an "
+                           "lmembed output, so choose a new or empty folder")
 
 
 def prepare_out_dir(out: str | Path, *, force: bool, owned: tuple[str, ...], resume: bool = False,
@@ -122,7 +221,7 @@ def prepare_out_dir(out: str | Path, *, force: bool, owned: tuple[str, ...], res
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LmembedError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and _listing(out):
         if resume:
             return out
         if not force:
@@ -137,22 +236,29 @@ def prepare_out_dir(out: str | Path, *, force: bool, owned: tuple[str, ...], res
 
 def bench_dir(out: str | Path, *, force: bool, owned: tuple[str, ...]) -> Path:
     """A bench's folder: reused as it is (finished rows are kept and the bench resumes) unless
-    --force, which removes only the bench's own entries. Call it once the inputs are checked."""
+    --force, which removes only the bench's own entries. A folder lmembed did not write is
+    refused either way (the bench would write over its files). Call it once the inputs are checked."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LmembedError(f"{out}: exists and is not a directory")
-    if force and out.is_dir():
-        remove_owned(out, owned)
+    if out.is_dir() and _listing(out):
+        refuse_foreign(real_path(out), out)
+        if force:
+            remove_owned(out, owned)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def remove_owned(out: Path, owned: tuple[str, ...]) -> list[str]:
     """Delete the entries of `out` that match `owned` (lmembed's own names and patterns, and
-    its temp files); returns what was removed."""
+    its temp files); returns what was removed. A folder lmembed did not write is refused
+    before anything is deleted (its config.json is the user's, whatever the name says)."""
+    doomed = [e for e in sorted(out.iterdir()) if any(fnmatch.fnmatchcase(e.name, pat) for pat in owned)]
+    if doomed:
+        refuse_foreign(real_path(out), out)
     gone = []
     for entry in sorted(out.iterdir()):
-        if any(fnmatch.fnmatchcase(entry.name, pat) for pat in (*owned, ".*.tmp", ".*.lmembed-new-*")):
+        if entry in doomed or TEMP.fullmatch(entry.name):
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             gone.append(entry.name)
     return gone
@@ -178,12 +284,23 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+# What an interrupted write leaves beside its output NAME: a staging folder (.NAME.lmembed-new-*),
+# a temp file (.NAME.xxxxxxxx.tmp of atomic_write_with, .NAME.tmpPID of a GGUF write), and the
+# old folder of a save killed mid-switch (.NAME.lmembed-old-*, which may hold the user's files).
+TEMP_SUFFIX = re.compile(r"lmembed-new-[a-z0-9_]{8}|[a-z0-9_]{8}\.tmp|tmp\d+")
+OLD_SUFFIX = re.compile(r"lmembed-old-[a-z0-9_]{8}")
+TEMP = re.compile(rf"\..+\.(?:{TEMP_SUFFIX.pattern})")  # any output's leftovers, inside a folder
+
+
 def publish_dir(tmp: Path, out: Path, owned: set[str]) -> None:
     """Make the complete folder `tmp` the folder `out`. An existing `out` is swapped out in one
     atomic step where the OS allows (else two renames, microseconds apart), so a reader sees the
     old complete result or the new one; then the entries of the old folder that lmembed did not
     write (`owned`: the names lmembed writes there) move into the new one. A user's own files are
-    never deleted: after a crash in between, they are in the `.NAME.lmembed-old-*` sibling."""
+    never deleted: after a crash in between, they are in the `.NAME.lmembed-old-*` sibling (and
+    the next command on `out` moves them back, clean_leftovers). The new folder and its files
+    get the old folder's mode, or the umask's."""
+    _set_modes(tmp, stat.S_IMODE(out.stat().st_mode) if out.is_dir() else 0o777 & ~current_umask())
     if not out.exists():
         os.replace(tmp, out)
         return
@@ -196,13 +313,100 @@ def publish_dir(tmp: Path, out: Path, owned: set[str]) -> None:
         os.replace(out, old)
         os.replace(tmp, out)
     fault_point("save:switched")
+    _move_back(old, out, owned)
+
+
+def _move_back(old: Path, out: Path, owned: set[str]) -> None:
+    """The entries of `old` that lmembed did not write move into `out` (where free); then `old` goes."""
     for entry in sorted(old.iterdir()):
         if entry.name not in owned and not (out / entry.name).exists():
             os.replace(entry, out / entry.name)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _set_modes(folder: Path, mode: int) -> None:
+    """`folder` gets `mode`, its files the umask's (mkdtemp and safetensors make 0700 and 0600)."""
+    os.chmod(folder, mode)
+    file_mode = 0o666 & ~current_umask()
+    for entry in folder.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            os.chmod(entry, file_mode)
+
+
 def staging_dir(out: Path) -> Path:
     """An empty sibling folder of `out` (same filesystem) to build a new result in."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.lmembed-new-", dir=out.parent))
+
+
+def build_and_publish(out: Path, owned: set[str], build: Callable[[Path], None], what: str) -> None:
+    """Build the new output in a staging folder (`build(tmp)`) and switch it in whole (publish_dir).
+    Whatever stops the build (an error, Ctrl-C, SIGTERM, a full disk) removes the staging folder
+    and leaves the old output as it was; a full disk or a refused write is one line naming `out`."""
+    tmp = staging_dir(out)
+    try:
+        with terminate_as_interrupt():
+            try:
+                build(tmp)
+            except OSError as e:
+                raise LmembedError(f"{out}: cannot write the {what} ({e.strerror or e}); the old output is "
+                                   "unchanged") from None
+            fault_point("save:staged")
+            publish_dir(tmp, out, owned | {f.name for f in tmp.iterdir()})
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so temp files and staging folders are removed on the
+    way out (a kill -9 leaves them, and the next command on that output removes them)."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises Terminated (main thread, where no handler of the program's is set)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
+            signal.SIG_DFL, None):
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def clean_leftovers(out: str | Path) -> list[str]:
+    """Remove what killed writers of `out` left beside it, and move back the user's files that a
+    save killed mid-switch left in the old folder. Only for a caller holding the lock of `out`:
+    no other writer of it can be alive. Returns the names it dealt with."""
+    out = real_path(out)
+    try:
+        entries = [e for e in out.parent.iterdir() if e.name.startswith(f".{out.name}.")]
+    except OSError:
+        return []
+    done = []
+    for entry in sorted(entries):
+        rest = entry.name[len(out.name) + 2:]
+        if TEMP_SUFFIX.fullmatch(rest):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        elif OLD_SUFFIX.fullmatch(rest) and entry.is_dir():
+            _recover(entry, out)
+        else:
+            continue
+        done.append(entry.name)
+    return done
+
+
+def _recover(old: Path, out: Path) -> None:
+    """A save killed mid-switch: with no `out`, the old folder is the output again; else the
+    entries its own record does not list (the user's) move into `out`."""
+    if not out.exists():
+        os.replace(old, out)
+        return
+    _move_back(old, out, owned_names(old) or set())

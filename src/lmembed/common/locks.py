@@ -2,10 +2,12 @@
 
 Two `lmembed train ... --out R` at once would mix one run's checkpoint with the other's config;
 two saves to one folder would each print "saved" while one result is lost. The lock is a file in
-lmembed's cache named after the folder's absolute path (outside the folder, so a save that swaps
-the folder in keeps it, and nothing is left beside a user's files), taken with flock: the OS
-drops it when the process dies, so a killed run never leaves the folder locked. Its content
-names the holder, for the error the second process gets.
+lmembed's cache named after the folder's real path (links and '..' resolved, so `x`,
+`sub/../x` and a link to x are one folder; outside the folder, so a save that swaps the folder in
+keeps it, and nothing is left beside a user's files), taken with flock: the OS drops it when the
+process dies, so a killed run never leaves the folder locked. Its content names the holder, for
+the error the second process gets. Whoever takes the lock first removes what killed writers of
+that folder left beside it (lmembed.common.files.clean_leftovers): no other writer can be alive.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import LmembedError
+from .files import clean_leftovers, real_path
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -29,7 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def lock_path(out: Path) -> Path:
     env = os.environ.get("LMEMBED_CACHE")
     root = (Path(env) if env else Path.home() / ".cache" / "lmembed") / "locks"
-    return root / (hashlib.sha1(str(Path(out).absolute()).encode()).hexdigest()[:24] + ".lock")
+    return root / (hashlib.sha1(str(real_path(out)).encode()).hexdigest()[:24] + ".lock")
 
 
 @contextmanager
@@ -53,6 +56,7 @@ def locked(out: str | Path, what: str = "output folder") -> Iterator[None]:
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}".encode(), 0)
         _held.add(path)
         try:
+            clean_leftovers(out)
             yield
         finally:
             _held.discard(path)

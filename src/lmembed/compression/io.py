@@ -18,39 +18,56 @@ compression only changed the vocabulary (trim) is a standard transformers folder
 adds the kept token ids), which plain ``from_pretrained`` loads with the same logits.
 
 A save is built in a sibling folder and switched in at once (lmembed.common.files.publish_dir):
-the old save or the new one, never half of one; a user's other files in the folder stay.
+the old save or the new one, never half of one; a user's other files in the folder stay. A load
+reads one verified snapshot of the folder (lmembed.compression.verify): the listed files only,
+checksums, then the dtypes, shapes, finiteness and index maps of the compressed tensors.
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
 import re
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .._version import __version__
-from ..common.faults import fault_point
-from ..common.files import json_bytes, publish_dir, read_json, sha256_file, staging_dir, write_json
+from ..common.faults import fault_raise
+from ..common.files import (
+    FORMAT1_FILES,
+    build_and_publish,
+    check_out_dir,
+    owned_names,
+    read_json,
+    real_path,
+    sha256_file,
+    write_json,
+)
 from ..common.locks import holds_lock
 from ..errors import LmembedError
 from ..models.skeleton import assign_state, empty_parameters
 from .hf import compressed_modules, drop_hf_ties, find_sites, install, set_module
-from .modules import FLOAT_DTYPES, CompressedEmbedding, CompressedHead, DenseEmbedding, build_module
+from .modules import CompressedEmbedding, CompressedHead, DenseEmbedding, build_module
+from .verify import (
+    FORMAT,
+    MANIFEST,
+    READABLE_FORMATS,
+    WEIGHTS,
+    check_tensors,
+    check_values,
+    manifest_digest,
+    read_manifest,
+    shown_as,
+    snapshot,
+    verify_files,
+)
 
-MANIFEST, WEIGHTS = "lmembed.json", "model.safetensors"
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
 QUANT_METHOD = "lmembed"  # config.json quantization_config.quant_method (lmembed.compression.hf_quantizer)
-# Names lmembed wrote in saves of format 1, which had no list of files.
-FORMAT1_FILES = {"config.json", "generation_config.json", WEIGHTS, MANIFEST, "report.json", "report.md",
-                 "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                 "merges.txt", "added_tokens.json", "chat_template.jinja"}
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -83,57 +100,52 @@ def _model_dtype(model: nn.Module) -> str:
 @holds_lock("save folder")
 def save(model: nn.Module, out: str | Path, *, tokenizer: Any = None, force: bool = False,
          report: dict | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write a (compressed) model folder. A non-empty folder needs `force`, which replaces only
-    what lmembed wrote there, and only once the new folder is complete. `extra_files` (name ->
-    bytes, e.g. a report) are written, and checksummed, with it."""
+    """Write a (compressed) model folder. A non-empty folder needs `force`, and must be an lmembed
+    output: only what lmembed wrote there is replaced, once the new folder is complete (a link
+    is followed: its target gets the save). `extra_files` (name -> bytes, e.g. a report) are
+    written, and checksummed, with it."""
     from .plain import vocabulary_only
     from .trim import check_tokenizer
 
     check_tokenizer(model, tokenizer)  # a trimmed model with the original tokenizer would mis-map ids
     out = Path(out)
-    old_files = _check_out(out, force)
-    found = compressed_modules(model)
-    if not found:
+    check_out_dir(out, force=force)
+    if not compressed_modules(model):
         raise LmembedError(f"{type(model).__name__} has no compressed embeddings to save (run lmembed.compress first)")
-    tmp = staging_dir(out)
-    try:
-        if vocabulary_only(model) and _transformers_config(model) is not None:
-            manifest = _write_plain(model, tmp)
-        else:
-            manifest = _write_compressed(model, tmp)
+    plain = vocabulary_only(model) and _transformers_config(model) is not None
+
+    def build(tmp: Path) -> None:
+        manifest = _write_plain(model, tmp) if plain else _write_compressed(model, tmp)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        manifest.update(report=report, files={f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-                                              for f in sorted(tmp.iterdir()) if f.is_file()})
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        write_json(tmp / MANIFEST, manifest)
-        fault_point("save:staged")
-        publish_dir(tmp, out, owned=old_files | {f.name for f in tmp.iterdir()})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, {**manifest, "report": report}, sorted(f.name for f in tmp.iterdir() if f.is_file()))
+
+    target = real_path(out)
+    build_and_publish(target, owned_names(target) or set(), build, "save")
     return out
 
 
-def _check_out(out: Path, force: bool) -> set[str]:
-    """The names lmembed wrote in an existing save at `out` (empty for a new folder); refuses a
-    non-empty folder without `force`."""
-    if out.exists() and not out.is_dir():
-        raise LmembedError(f"{out}: exists and is not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return set()
-    if not force:
-        raise LmembedError(f"{out}: directory is not empty; pass --force to replace the lmembed save in it")
+def write_manifest(folder: Path, manifest: dict[str, Any], names: list[str]) -> None:
+    """lmembed.json: `manifest` plus the sha256 and size of the files `names`, and its own digest."""
+    files = {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size} for n in names
+             if n != MANIFEST}
+    manifest = {**manifest, "files": files}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    write_json(folder / MANIFEST, manifest)
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, its errors (a full disk) as the OSError they are."""
     try:
-        manifest = read_json(out / MANIFEST, "lmembed manifest")
-    except LmembedError:
-        return set()  # not an lmembed save: nothing in it is ours
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if isinstance(files, dict):
-        return {str(f) for f in files} | {MANIFEST}
-    return FORMAT1_FILES if isinstance(manifest, dict) and manifest.get("format") == 1 else set()
+        fault_raise("save:disk-full", SafetensorError("Error while serializing: I/O error: No space left on device "
+                                                      "(os error 28)"))
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        errno = int(code.group(1)) if code else 5
+        raise OSError(errno, os.strerror(errno) if code else " ".join(str(e).split())[:160], str(path)) from None
 
 
 def _transformers_config(model: nn.Module) -> Any:
@@ -150,7 +162,7 @@ def _write_compressed(model: nn.Module, tmp: Path) -> dict[str, Any]:
     sentinels = sorted({f"{p}.weight" for m in modules for p in m["input_paths"] + m["head_paths"]} - set(unique))
     if kind == "transformers":
         unique.update({k: torch.zeros(1, dtype=torch.uint8) for k in sentinels})  # one byte each
-    save_file(unique, str(tmp / WEIGHTS), metadata={"format": "pt", "lmembed": str(FORMAT)})
+    write_tensors(unique, tmp / WEIGHTS, {"format": "pt", "lmembed": str(FORMAT)})
     manifest = {"format": FORMAT, "lmembed_version": __version__, "layout": "compressed", "model_kind": kind,
                 "model_class": type(model).__name__, "dtype": _model_dtype(model), "modules": modules,
                 "aliases": aliases, "sentinels": sentinels if kind == "transformers" else [],
@@ -206,73 +218,6 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
 
 
 # --- load -----------------------------------------------------------------------------------------
-SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest without its own digest: an edit of any field is caught."""
-    return hashlib.sha256(json_bytes({k: v for k, v in manifest.items() if k != "manifest_sha256"})).hexdigest()
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """lmembed.json, checked field by field before anything is built from it."""
-    where = folder / MANIFEST
-    manifest = read_json(where, f"lmembed manifest (is {folder} a folder written by lmembed.save?)")
-    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS or not isinstance(
-            manifest.get("modules"), list):
-        raise LmembedError(f"{where}: not an lmembed manifest of format {FORMAT}")
-    if manifest["format"] >= 2 and manifest.get("manifest_sha256") != manifest_digest(manifest):
-        raise LmembedError(f"{where}: checksum mismatch (the manifest changed after lmembed wrote it)")
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise LmembedError(f"{where}: {problem}")
-    return manifest
-
-
-def _manifest_problem(m: dict[str, Any]) -> str | None:
-    """What is wrong with a manifest's fields, or None."""
-    if m.get("model_kind") not in ("transformers", "lmembed"):
-        return f"model_kind {m.get('model_kind')!r} is not 'transformers' or 'lmembed'"
-    if m.get("layout", "compressed") not in ("compressed", "plain") or m.get("dtype", "float32") not in FLOAT_DTYPES:
-        return f"layout {m.get('layout')!r} or dtype {m.get('dtype')!r} is not one lmembed writes"
-    for e in m["modules"]:
-        if not isinstance(e, dict) or not isinstance(e.get("spec"), dict) or not all(
-                isinstance(e.get(k), list) and all(isinstance(p, str) for p in e[k])
-                for k in ("input_paths", "head_paths")):
-            return "a module entry needs a spec object and lists of module paths"
-    aliases, sentinels = m.get("aliases") or {}, m.get("sentinels") or []
-    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()) or not isinstance(
-            sentinels, list) or not all(isinstance(k, str) for k in sentinels):
-        return "aliases must map tensor names to tensor names, sentinels list tensor names"
-    files = m.get("files") or {}
-    if not isinstance(files, dict):
-        return "files must map file names to their sha256 and size"
-    for name, rec in files.items():
-        if Path(name).name != name or name.startswith(".") or not isinstance(rec, dict) or not SHA256.fullmatch(
-                str(rec.get("sha256"))) or not isinstance(rec.get("bytes"), int):
-            return f"files entry {name!r} must be a plain file name with its sha256 and size"
-    vocab = m.get("vocab")
-    if vocab is not None:
-        kept, n = (vocab.get("kept"), vocab.get("original_vocab")) if isinstance(vocab, dict) else (None, None)
-        if not isinstance(n, int) or not isinstance(kept, list) or not all(
-                isinstance(i, int) and 0 <= i < n for i in kept):
-            return "vocab must hold original_vocab and the kept ids below it"
-    return None
-
-
-def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists is there with the recorded sha256 (format 2 and later)."""
-    for name, rec in (manifest.get("files") or {}).items():
-        path = folder / str(name)
-        if not path.is_file():
-            raise LmembedError(f"{path}: missing (the lmembed manifest lists it)")
-        if path.stat().st_size != rec["bytes"]:
-            raise LmembedError(f"{path}: corrupt or truncated {path.suffix.lstrip('.') or 'file'} file "
-                               f"({path.stat().st_size} bytes; lmembed wrote {rec['bytes']})")
-        if sha256_file(path) != rec["sha256"]:
-            raise LmembedError(f"{path}: checksum mismatch (the file changed after lmembed wrote it)")
-
-
 def _config_class(folder: Path, manifest: dict) -> tuple[type, Any]:
     import transformers
 
@@ -372,20 +317,65 @@ def compressed_state(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
 
 
 def load(folder: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """The saved model, rebuilt and loaded strictly (eval mode)."""
+    """The saved model, rebuilt and loaded strictly (eval mode), from one verified snapshot."""
+    return open_save(folder, device=device, tokenizer=False).model
+
+
+@dataclass
+class Saved:
+    """A save as one snapshot: the model, its tokenizer (None when saved without one, or not
+    asked for), the run config of an lmembed run, the manifest."""
+
+    model: nn.Module
+    tokenizer: Any
+    run_config: Any
+    manifest: dict[str, Any]
+
+
+def open_save(folder: str | Path, *, device: str | torch.device = "cpu", tokenizer: bool = True) -> Saved:
+    """Model, tokenizer and config of a save, all read from the same verified files: only what
+    the manifest lists is read, and a concurrent re-save gives the old save or the new one."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    verify_files(folder, manifest)
-    if manifest.get("layout") == "plain":
-        return _load_plain(folder, manifest).to(device).eval()
+    with snapshot(folder) as (view, manifest), shown_as(view, folder):
+        model = _load_plain(view, manifest) if manifest.get("layout") == "plain" else _load_compressed(view, manifest)
+        run_config = getattr(model, "run_config", None)
+        tok = _saved_tokenizer(view, manifest) if tokenizer else None
+    return Saved(model.to(device).eval(), tok, run_config, manifest)
+
+
+def _load_compressed(folder: Path, manifest: dict[str, Any]) -> nn.Module:
     model = _skeleton(manifest, folder)
     model.to(getattr(torch, manifest.get("dtype", "float32")))
     install_saved_modules(model, manifest["modules"], str(folder / MANIFEST))
     state = compressed_state(folder / WEIGHTS, manifest)
-    assign_state(model, state, f"{folder / MANIFEST} does not match the tensors in {WEIGHTS}")
+    assign_checked(model, state, f"{folder / MANIFEST} does not match the tensors in {WEIGHTS}")
     if hasattr(model, "tie_weights") and manifest.get("model_kind") == "transformers":
         model.tie_weights()  # ties among the uncompressed parameters (the compressed ones are one object)
-    return model.to(device).eval()
+    return model
+
+
+def assign_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """The tensors assigned once their dtypes and shapes are the ones each module kind stores;
+    then their values checked (finite, index maps in range)."""
+    check_tensors(model, {k: (t.dtype, tuple(t.shape)) for k, t in state.items()}, where)
+    assign_state(model, state, where)
+    check_values(model, where)
+
+
+def _saved_tokenizer(folder: Path, manifest: dict[str, Any]) -> Any:
+    """The save's tokenizer from its listed files, or None when it was saved without one."""
+    if manifest.get("model_kind") == "lmembed":
+        from ..data.vocab import load_tokenizer
+
+        return load_tokenizer(folder / "tokenizer.json")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+            raise LmembedError(f"{folder}: tokenizer files cannot be read ({str(e).splitlines()[0][:160]})") from None
+        return None
 
 
 def _load_plain(folder: Path, manifest: dict) -> nn.Module:
@@ -408,6 +398,7 @@ def _load_plain(folder: Path, manifest: dict) -> nn.Module:
         DenseEmbedding.wrap(sites.output_weight), kept, int(vocab["original_vocab"]))
     install(model, sites, "both" if sites.output_module is not None else "input", inp,
             out if sites.output_module is not None else None)
+    check_values(model, str(folder / MANIFEST))
     return model
 
 
@@ -422,4 +413,5 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise LmembedError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {detail})") from None
 
 
-__all__ = ["save", "load", "read_manifest", "verify_files", "MANIFEST", "WEIGHTS", "FORMAT"]
+__all__ = ["save", "load", "open_save", "Saved", "read_manifest", "verify_files", "manifest_digest", "write_manifest",
+           "MANIFEST", "WEIGHTS", "FORMAT", "READABLE_FORMATS", "FORMAT1_FILES"]

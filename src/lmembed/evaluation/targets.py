@@ -18,11 +18,8 @@ from typing import Any
 
 from torch import nn
 
-from ..common.files import read_json
-from ..config import RunConfig
-from ..errors import LmembedError
 from ..models.pretrained import load_pretrained
-from ..models.store import COMPRESSED_MANIFEST, CONFIG, TOKENIZER, load_run, load_seq2seq_run, run_kind
+from ..models.store import COMPRESSED_MANIFEST, load_run, load_seq2seq_run, run_kind
 
 KINDS = ("pretrained", "compressed", "run", "seq2seq-run")
 
@@ -63,27 +60,9 @@ def open_model(spec: str | Path, *, task: str = "auto", device: str = "cpu") -> 
 
 
 def _open_compressed(folder: Path, device: str) -> Opened:
-    from ..compression.io import load
+    from ..compression.io import open_save
 
-    model = load(folder, device=device)
-    manifest = read_json(folder / COMPRESSED_MANIFEST, "lmembed manifest")
-    info = {"kind": "compressed", "class": type(model).__name__,
-            "methods": sorted({m["spec"].get("method", "") for m in manifest.get("modules", [])})}
-    if manifest.get("model_kind") == "lmembed":  # a compressed lmembed run: its own tokenizer and config
-        from ..data.vocab import load_tokenizer
-
-        cfg = RunConfig.from_dict(read_json(folder / CONFIG, "run config"), str(folder / CONFIG))
-        return Opened(model, load_tokenizer(folder / TOKENIZER), "compressed", str(folder), cfg, info)
-    return Opened(model, _hf_tokenizer(folder), "compressed", str(folder), None, info)
-
-
-def _hf_tokenizer(folder: Path) -> Any:
-    """The folder's transformers tokenizer, or None when it was saved without one."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as e:
-        if any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-            raise LmembedError(f"{folder}: tokenizer files cannot be read ({str(e).splitlines()[0][:160]})") from None
-        return None
+    saved = open_save(folder, device=device)  # model, tokenizer and config from one verified snapshot
+    info = {"kind": "compressed", "class": type(saved.model).__name__,
+            "methods": sorted({m["spec"].get("method", "") for m in saved.manifest.get("modules", [])})}
+    return Opened(saved.model, saved.tokenizer, "compressed", str(folder), saved.run_config, info)
