@@ -1,76 +1,171 @@
-"""lmembed compress: compress one model's token embeddings and save it as a drop-in folder."""
+"""lmembed compress: shrink one model's token embeddings and save it where users run models."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..common.files import check_out_dir, json_bytes
 from ..common.locks import locked
-from ..common.report import markdown_table
 from ..common.runtime import seed_everything
+from ..common.steps import Steps, human_bytes
 from ..compression import compress, save
-from ..compression.hf import SIDES
+from ..compression.calibrate import resolve_calibration
+from ..compression.choose import check_bits, choose
+from ..compression.hf import SIDES, find_sites
 from ..compression.registry import as_pipeline, describe_methods
 from ..errors import LmembedError
-from ..evaluation.pretrained import EVAL_TOKENS
-from ..evaluation.subject import Subject, load_subject
-from ..evaluation.targets import open_model
+from ..evaluation.quick import quality_check
 from ..export.blocks import BLOCK_TYPES
 from .args import calib_flags, progress_flag
+from .summary import Quality, Sizes, open_source, summary_table
+
+EXAMPLES = """\
+examples:
+  lmembed compress smollm2 --bits 4.5 --out smollm2-4.5        # transformers folder, method chosen for you
+  lmembed compress smollm2 --bits 4.5 --out smollm2.gguf       # llama.cpp: a calibrated GGUF block type
+  lmembed compress minilm --bits 4 --out minilm-4              # a sentence encoder
+  lmembed compress smollm2 --bits 4.5 --no-calib --out s2      # calibration-free (kq4:g32)
+  lmembed compress smollm2 --method "tc:3.5" --out s2-tc       # choose the method yourself
+"""
+
+RECOMMENDED = """\
+--bits B chooses (B = stored bits per value, everything counted):
+  a model with an output layer   tc:B        calibrated transform coding (default calibration: text sampled
+                                             from the model itself, nothing from your domain needed)
+  an encoder without one         kmixed:B    calibrated per-row super-block widths (calibration: bundled text)
+  --no-calib                     kqW:gG      the widest super-block code that fits B
+  above 8.5 bits                 int8        a scale per row
+  OUT.gguf                       a llama.cpp block type that fits B, rounded against the calibration
+
+every method (--method, for experts; stages compose with '>'):
+"""
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compress", help="compress a model's token embeddings (svd, ae, int8, int4, pipelines)",
-                       description="Compress MODEL's token embeddings in place and save a model folder that "
-                                   "lmembed.load() restores.\n\nMethods:\n" + describe_methods(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="bundled name (minilm, smollm2), local HF folder, hub id, or an lmembed run dir")
-    p.add_argument("--method", required=True, help="method string or pipeline, e.g. ae:128, int4:g32, 'svd:256 > int8'")
-    p.add_argument("--out", required=True, help="output model folder")
+    p = sub.add_parser("compress", help="shrink a model's token embeddings (--bits B chooses the method)",
+                       description="Compress MODEL's token embeddings and save a model that transformers (after "
+                                   "`import lmembed`) or llama.cpp (OUT.gguf) loads. Prints the whole model's size "
+                                   "before and after and the quality cost on held-out text.\n\n" + RECOMMENDED
+                                   + describe_methods(),
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="bundled name (smollm2, minilm), a transformers folder, a hub id, a .gguf file, "
+                                 "or an lmembed run or save")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bits", type=_bits, metavar="B",
+                      help="stored bits per value, everything counted (e.g. 4.5 = 7.1x smaller than fp32): lmembed "
+                           "chooses the method for the model and the output")
+    what.add_argument("--method", help="for experts: a method or pipeline, e.g. tc:4.5, kq4:g32, 'svd:256 > int8'")
+    p.add_argument("--out", required=True, help="output model folder, or NEW.gguf (MODEL must then be a .gguf)")
+    p.add_argument("--no-calib", action="store_true", help="with --bits: a calibration-free method (no model run)")
+    calib_flags(p, apart_from="--eval-text")
+    p.add_argument("--eval-text", help="text for the quality check (default: the bundled wiki:test, which no "
+                                       "calibration reads); a file, folder or corpus[:split]")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality check")
+    p.add_argument("--max-tokens", type=_tokens, default=None, metavar="N",
+                   help="tokens of the quality-check text (default: 4096 for causal LMs)")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                   help="dtype of the rest of the model (default auto: the source's, bf16 for a GGUF source)")
     p.add_argument("--side", default="auto", choices=SIDES,
                    help="auto: both sides (one module if tied) or the input when there is no head; input: the "
                         "paper's protocol (head stays dense)")
-    calib_flags(p, apart_from="--eval-text")
-    p.add_argument("--eval-text", help="evaluate dense and compressed on this text (file, folder, corpus[:split])")
-    p.add_argument("--max-tokens", type=int, default=EVAL_TOKENS, help="tokens of --eval-text to evaluate on")
     p.add_argument("--gguf-type", choices=sorted(BLOCK_TYPES), metavar="TYPE",
-                   help="MODEL.gguf -> OUT.gguf: llama.cpp block type of the token matrix (default: the one that holds "
-                        "the method's codes exactly: int8 -> Q8_0, int4 -> Q4_0; a trim alone keeps the source's)")
+                   help="OUT.gguf: llama.cpp block type of the token matrix (default: chosen by --bits, or the one "
+                        "that holds --method's codes exactly)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace what lmembed wrote in --out (other files stay)")
+    p.add_argument("--force", action="store_true", help="replace an earlier lmembed output in --out")
+    p.add_argument("--quiet", action="store_true", help="print only the final table")
     progress_flag(p)
     p.set_defaults(func=run)
 
 
+def _bits(text: str) -> float:
+    try:
+        return check_bits(float(text))
+    except (ValueError, LmembedError) as e:
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, LmembedError) else f"expected a number, not "
+                                         f"{text!r}") from None
+
+
+def _tokens(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, not {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, not {n}")
+    return n
+
+
 def run(args) -> int:
-    as_pipeline(args.method)  # a typo fails here, before the model loads
+    if args.method is not None:
+        as_pipeline(args.method)  # a typo or an impossible pipeline fails here, before the model loads
+        if args.no_calib:
+            raise LmembedError("--no-calib goes with --bits (a --method says itself whether it calibrates)")
+    gguf = str(args.model).endswith(".gguf") or str(args.out).endswith(".gguf")
     with locked(args.out, "output"):  # one writer for the whole command
-        if str(args.model).endswith(".gguf") or str(args.out).endswith(".gguf"):
-            return _run_gguf(args)
-        return _run_save(args)
+        return _run_gguf(args) if gguf else _run_save(args)
 
 
 def _run_save(args) -> int:
     seed_everything(args.seed)
-    check_out_dir(args.out, force=args.force)  # refuse early, before any heavy work
-    subject = load_subject(args.model, text=args.eval_text, max_tokens=args.max_tokens,
-                           progress=args.progress) if args.eval_text else None
-    opened = None if subject else open_model(args.model)
-    model, tok = (subject.model, subject.tokenizer) if subject else (opened.model, opened.tokenizer)
-    before = subject.evaluate(model) if subject else None
-    report = compress(model, args.method, calib=args.calib, calib_tokens=args.calib_tokens, side=args.side,
-                      seed=args.seed, progress=args.progress, log=print, tokenizer=tok)
+    check_out_dir(args.out, force=args.force, inputs=(args.model,))  # refuse early, before any heavy work
+    steps = Steps(quiet=args.quiet, progress=args.progress)
+    opened, sizes = open_source(args.model, steps)
+    model, tok = opened.model, opened.tokenizer
+    method, why = _method(args, model)
+    steps.say(f"method: {method}" + (f" ({why})" if why else ""))
+    check = None if args.no_eval else quality_check(opened, args.eval_text, args.max_tokens, steps)
+    stats = _calibrate(args, model, tok, method, steps)
+    with steps.step("fit") as s:
+        report = compress(model, method, calib=stats if stats is not None else args.calib, side=args.side,
+                          seed=args.seed, progress=steps.bars, log=steps.say, tokenizer=tok)
+        s.note = f"{report['method']}, embedding {human_bytes(report['stored_bytes'])} ({report['ratio']:.2f}x smaller)"
     new_tok = report.pop("tokenizer", None)  # trim: the remapped tokenizer goes with the model
     tok = new_tok if new_tok is not None else tok
-    if subject is not None:
-        report["eval"] = _evaluate_after(subject, model, new_tok, before, args.eval_text)
-    table, markdown = _report_files(args.model, report)
-    save(model, args.out, tokenizer=tok, force=args.force, report=report, extra_files={
-        "report.json": json_bytes(report), "report.md": markdown.encode()})
+    if why:
+        report["chosen"] = {"bits": args.bits, "method": method, "why": why}
+    if check is not None:
+        report["eval"] = check.after(model, new_tok, steps)
+    sizes.set_body(model, args.dtype)
+    with steps.step("save") as s:
+        report["whole_model"] = sizes.report()  # what the tensors hold; the file size is added below
+        table = summary_table(args.model, report, Quality.of(report))
+        save(model, args.out, tokenizer=tok, force=args.force, report=report,
+             extra_files={"report.json": json_bytes(report), "report.md": _markdown(args.model, table).encode()})
+        s.note = f"{args.out} ({human_bytes(sizes.saved_bytes(Path(args.out)))} of weights)"
     print(table, end="")
-    print(f"saved to {args.out} (load with lmembed.load({str(args.out)!r}))")
+    print(f"saved to {args.out}: lmembed.load({str(args.out)!r}), or AutoModel*.from_pretrained after `import lmembed`")
     return 0
+
+
+def _method(args, model: Any) -> tuple[str, str]:
+    """(method text, why it was chosen: empty for a --method the user gave)."""
+    if args.method is not None:
+        return args.method, ""
+    sites = find_sites(model)
+    v, d = sites.input_weight.shape
+    c = choose(args.bits, num_embeddings=v, dim=d, has_head=sites.output_module is not None,
+               calibrate=not args.no_calib)
+    return c.method, c.why
+
+
+def _calibrate(args, model: Any, tok: Any, method: str, steps: Steps) -> Any:
+    """The calibration statistics a calibrated method needs (None: it needs none), as one step."""
+    if not any(m.needs_calib for m in as_pipeline(method)) or as_pipeline(method)[0].vocabulary:
+        return None  # a trimmed vocabulary calibrates inside compress, on the trimmed model
+    with steps.step("calibrate") as s:
+        stats = resolve_calibration(model, [method], args.calib, tokenizer=tok, tokens=args.calib_tokens,
+                                    seed=args.seed, progress=steps.bars)
+        s.cached = bool(getattr(stats, "from_cache", False))
+        s.note = f"{stats.tokens:,} tokens of {stats.source}" + (", seed " + str(args.seed) if stats.source in (
+            "model", "model+mix") else "")
+    return stats
+
+
+def _markdown(model_spec: str, table: str) -> str:
+    return f"# lmembed compress {model_spec}\n\n{table}"
 
 
 def _run_gguf(args) -> int:
@@ -84,24 +179,3 @@ def _run_gguf(args) -> int:
     compress_gguf(args.model, args.method, args.out, gguf_type=args.gguf_type, calib=args.calib,
                   calib_tokens=args.calib_tokens, seed=args.seed, force=args.force)
     return 0
-
-
-def _evaluate_after(subject: Subject, model: Any, new_tok: Any, before: dict, text: str) -> dict[str, Any]:
-    if new_tok is not None and subject.for_tokenizer is None:
-        raise LmembedError(f"--eval-text: a {subject.metric} evaluation of a trimmed vocabulary is not supported")
-    after = (subject.evaluate if new_tok is None else subject.for_tokenizer(new_tok))(model)
-    return {"text": text, "metric": subject.metric, "dense": before, "compressed": after,
-            "delta_pct": 100 * (after[subject.metric] / before[subject.metric] - 1)}
-
-
-def _report_files(model_spec: str, report: dict[str, Any]) -> tuple[str, str]:
-    """(table for the terminal, report.md)."""
-    rows = [{**m, "method": report["method"], "side": report["side"]} for m in report["matrices"]]
-    table = markdown_table(rows, ["method", "side", "role", "kind", "stored_bytes", "ratio", "ratio_fp16",
-                                  "rel_fro_error", "mean_row_cosine", "knn10_overlap"])
-    extra = ""
-    if "eval" in report:
-        e = report["eval"]
-        extra = (f"\n{e['metric']} on {e['text']}: dense {e['dense'][e['metric']]:.4g}, compressed "
-                 f"{e['compressed'][e['metric']]:.4g} ({e['delta_pct']:+.2f} %)\n")
-    return table + extra, f"# lmembed compress: {model_spec} with {report['method']}\n\n{table}{extra}"

@@ -15,6 +15,7 @@ from torch import nn
 from ..common.runtime import pick_device
 from ..errors import LmembedError
 from .calibrate import CalibStats, resolve_calibration
+from .choose import Choice, choose
 from .fit_quality import content_hash, matrix_stats
 from .hf import Sites, find_sites, install, resolve_side
 from .modules import CompressedEmbedding, DenseEmbedding
@@ -61,8 +62,9 @@ class Fitted:
 
 def compress(
     model: nn.Module,
-    method: MethodSpec,
+    method: MethodSpec | None = None,
     *,
+    bits: float | None = None,
     calib: Any = None,
     side: str = "auto",
     seed: int = 0,
@@ -77,7 +79,10 @@ def compress(
     """Compress the token embeddings of `model` in place.
 
     method: a method string or pipeline (``"int4:g32"``, ``"trim:lee > int8"``), a Method object
-    (``Int4(group=32)``) or a list of them (``[Trim("lee"), Int8()]``).
+    (``Int4(group=32)``) or a list of them (``[Trim("lee"), Int8()]``); or leave it out and give
+    `bits`, the stored bits per value (everything counted), and lmembed picks the method
+    (lmembed.compression.choose: calibrated transform coding for a model with a head, per-row
+    super-block widths for an encoder; ``calib=False``: calibration-free codes).
 
     side: ``auto`` (both sides where there is an output layer, else the input), ``input`` (the
     paper's protocol: a tied model's head stays dense), ``output`` or ``both``. A tied model
@@ -93,6 +98,10 @@ def compress(
     what was kept and ``report["tokenizer"]`` is the remapped tokenizer (pop it before writing
     the report; save it with ``lmembed.save(model, dir, tokenizer=...)``).
     """
+    chosen = None
+    if bits is not None or method is None:
+        chosen, calib = _choose(model, method, bits, calib)
+        method = chosen.method
     full = as_pipeline(method)
     if full[0].vocabulary and calib is not None and not isinstance(calib, (str, os.PathLike)):
         raise LmembedError(f"calib: statistics or token ids of the untrimmed vocabulary cannot serve {full[0].text!r}; "
@@ -118,7 +127,23 @@ def compress(
     matrices = [_matrix_report(role, weight, module, v0, seed) for role, weight, module in fitted.roles]
     install(model, sites, side, fitted.input, fitted.output)
     report = _summary(matrices, text, side, sites, v0, seed, seconds, stats, calib_seconds)
+    if chosen is not None:
+        report["chosen"] = {"bits": float(bits), "method": chosen.method, "why": chosen.why}
     return {"vocab": vocab.report, "tokenizer": vocab.tokenizer, **report} if vocab is not None else report
+
+
+def _choose(model: nn.Module, method: MethodSpec | None, bits: float | None, calib: Any) -> tuple[Choice, Any]:
+    """(the recommended method for `bits`, the calibration to use: None = the default, unless
+    calib=False asked for a calibration-free method)."""
+    if method is not None:
+        raise LmembedError("compress: give a method or bits, not both")
+    if bits is None:
+        raise LmembedError("compress: give a method (e.g. 'tc:4.5') or bits=B, the stored bits per value")
+    sites = find_sites(model)
+    v, d = sites.input_weight.shape
+    chosen = choose(bits, num_embeddings=v, dim=d, has_head=sites.output_module is not None,
+                    calibrate=calib is not False)
+    return chosen, None if calib is False else calib
 
 
 def fit_sides(methods: list[Method], sites: Sites, side: str, ctx: FitContext, text: str,

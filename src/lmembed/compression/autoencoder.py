@@ -76,6 +76,9 @@ class AutoEncoder(Method):
         Arg("refit", bool_flag, False, "after training, refit decoder and bias by least squares on the codes"),
     )
 
+    def makes(self, given: str) -> str:
+        return "factors"
+
     def check(self, num_embeddings: int, dim: int) -> None:
         check_rank(self, self.rank, dim)
         if not 0 <= self.lam <= 1:

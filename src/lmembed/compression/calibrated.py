@@ -129,6 +129,9 @@ class WeightedSVD(Method):
     positional = (Arg("rank", positive_int, required=True),)
     options = (*LOW_RANK, ALLOC)
 
+    def makes(self, given: str) -> str:
+        return "tunable" if self.alloc == "rows" else "factors"  # per-row ranks cannot be requantised
+
     def check(self, num_embeddings: int, dim: int) -> None:
         check_rank(self, self.rank, dim)
 
@@ -233,6 +236,9 @@ class GPTQ(Method):
     bits = 4
     positional = (GROUP,)
     options = (MIX, DAMP, GRID, CLIP)
+
+    def makes(self, given: str) -> str:
+        return "tunable"
 
     def check(self, num_embeddings: int, dim: int) -> None:
         check_group(self, self.group, dim)

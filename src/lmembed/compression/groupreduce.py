@@ -126,6 +126,9 @@ class GroupReduce(Method):
                Arg("min_rank", positive_int, 1, "smallest rank of a block"),
                Arg("power", non_negative_float, 1.0, "row weights (count + 1) ** power; 0 = unweighted"))
 
+    def makes(self, given: str) -> str:
+        return "factors"
+
     def check(self, num_embeddings: int, dim: int) -> None:
         check_rank(self, self.rank, dim)
         if self.blocks > num_embeddings:

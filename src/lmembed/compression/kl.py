@@ -37,6 +37,11 @@ class KLFinetune(Method):
         Arg("inp", non_negative_float, 1.0, "weight of the input-role term for tied matrices"),
     )
 
+    follows = ("factors", "tunable")
+
+    def makes(self, given: str) -> str:
+        return given
+
     def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
         raise LmembedError(f"method {self.text!r} fine-tunes a compressed matrix: put it after a method "
                            "(e.g. 'mixed:3.5 > kl:100')")

@@ -31,6 +31,11 @@ class RowQuantizer(Method):
     """A method that quantises the rows of a matrix: after a factorisation it quantises the codes
     (the V x k part that holds the bytes) and keeps the decoder."""
 
+    follows = ("plain", "factors")
+
+    def makes(self, given: str) -> str:
+        return "tunable"
+
     def apply(self, module: CompressedEmbedding, ctx: FitContext) -> CompressedEmbedding:
         if isinstance(module, FactorizedEmbedding) and isinstance(module.codes, DenseEmbedding):
             codes = self.fit(module.codes.weight.detach(), ctx)

@@ -77,6 +77,14 @@ class Method:
     positional: tuple[Arg, ...] = ()
     options: tuple[Arg, ...] = ()
     vocabulary: bool = False  # changes the vocabulary (trim): only allowed as the first stage
+    # What a later pipeline stage may follow, checked before any model loads: the previous stage's
+    # output is "plain" (a matrix), "factors" (codes x decoder), "tunable" (parameters or fp16
+    # scales that kl can fine-tune) or "final" (nothing can follow it).
+    follows: tuple[str, ...] = ("plain",)
+
+    def makes(self, given: str) -> str:
+        """What this stage hands the next one, given what it was handed."""
+        return "final"
 
     def __init__(self, *args: Any, **values: Any):
         text = values.pop("_text", None)
@@ -331,11 +339,25 @@ def as_pipeline(method: str | Method | Sequence[str | Method]) -> list[Method]:
     return parse_pipeline(method)
 
 
+OUTPUT_NAMES = {"plain": "a plain matrix", "factors": "a factorisation", "tunable": "fine-tunable codes",
+                "final": "a finished format"}
+
+
 def check_pipeline(methods: list[Method], text: str) -> list[Method]:
+    """Stage order and compatibility, from the methods' declarations alone (no fitting)."""
+    if "plain" not in methods[0].follows:
+        raise LmembedError(f"method {methods[0].text!r} takes {OUTPUT_NAMES[methods[0].follows[0]]}: put it after "
+                           "another stage (e.g. 'mixed:3.5 > kl:100')")
+    given = methods[0].makes("plain")
     for i, m in enumerate(methods[1:], 2):
         if m.vocabulary:
             raise LmembedError(f"pipeline {text!r}, stage {i} ({m.text!r}): changes the vocabulary, so it must be "
                                "the first stage")
+        if given not in m.follows:
+            takes = " or ".join(OUTPUT_NAMES[f] for f in m.follows)
+            raise LmembedError(f"pipeline {text!r}, stage {i} ({m.text!r}): takes {takes}, but stage {i - 1} "
+                               f"({methods[i - 2].text!r}) gives {OUTPUT_NAMES[given]}")
+        given = m.makes(given)
     return methods
 
 

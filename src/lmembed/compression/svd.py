@@ -48,6 +48,9 @@ class SVD(Method):
     summary = "truncated SVD, rank k: codes V x k (= U S) and decoder k x d (= V^T)"
     positional = (Arg("rank", positive_int, required=True, help="k"),)
 
+    def makes(self, given: str) -> str:
+        return "factors"
+
     def check(self, num_embeddings: int, dim: int) -> None:
         check_rank(self, self.rank, dim)
 

@@ -120,6 +120,9 @@ class Trim(Method):
                                                "the most frequent tokens of the tokenizer's own training text; "
                                                "a cushion for words the target corpus never used"))
 
+    def makes(self, given: str) -> str:
+        return "plain"
+
     def check(self, num_embeddings: int, dim: int) -> None:
         try:
             corpus_files(self.corpus, self.split)

@@ -40,10 +40,11 @@ class Subject:
     for_tokenizer: Callable[[Any], Callable[[torch.nn.Module], dict[str, float]]] | None = None
 
 
-def load_subject(spec: str, *, text: str | None, max_tokens: int = EVAL_TOKENS, window: int = EVAL_WINDOW,
-                 progress: bool | None = None) -> Subject:
-    """The model `spec` names (see open_model) with the evaluation that suits it on `text`."""
-    opened = open_model(spec)
+def load_subject(spec: str | Opened, *, text: str | None, max_tokens: int = EVAL_TOKENS,
+                 window: int = EVAL_WINDOW, stride: int | None = None, progress: bool | None = None) -> Subject:
+    """The model `spec` names (see open_model; or a model opened already) with the evaluation that
+    suits it on `text`. Causal perplexity slides windows by `stride` (default: half a window)."""
+    opened = spec if isinstance(spec, Opened) else open_model(spec)
     if opened.run_config is not None:
         return _run_subject(opened, text)
     model, tok = opened.model, opened.tokenizer
@@ -51,7 +52,7 @@ def load_subject(spec: str, *, text: str | None, max_tokens: int = EVAL_TOKENS, 
     raw = load_text(text or "lee:train")
     if kind == "causal":
         ids = text_ids(tok, raw, max_tokens, what=f"text {text}")
-        stride = window // 2
+        stride = stride or window // 2
         return Subject(model, tok, kind, "ppl", True,
                        lambda m: causal_ppl(m, ids, window=window, stride=stride, progress=bool(progress)),
                        f"{len(ids)} tokens, window {window}, stride {stride}",
