@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import D, V, build, save_folder
 
 import lmembed
 from lmembed.cli import main
@@ -16,6 +15,7 @@ from lmembed.common.steps import Steps, bars_wanted, human_bytes
 from lmembed.compression.choose import choose
 from lmembed.compression.superblock import bits_per_value
 from lmembed.errors import LmembedError
+from tiny_models import D, V, build, save_folder
 
 WORDS = "the cat a dog bird sees likes finds ball tree house river .".split()
 
@@ -157,3 +157,17 @@ def test_bars_show_on_a_terminal_only_unless_asked():
         s.note = "tc:4.5"
     assert out.getvalue().splitlines() == ["calibrate: 4,096 tokens of model (cached)", "fit: tc:4.5 (0.0 s)"]
     assert [human_bytes(n) for n in (812, 15_925_246, 1_234_567_890)] == ["812 B", "15.9 MB", "1.23 GB"]
+
+
+# --- bundled names -------------------------------------------------------------------------------
+def test_bundled_names_in_any_case_and_near_misses_refused_before_any_hub_lookup(tmp_path, capsys, monkeypatch):
+    from lmembed.models import pretrained
+
+    assert pretrained.bundled_name("SmolLM2") == "smollm2" and pretrained.bundled_name(" MiniLM ") == "minilm"
+    assert pretrained.bundled_name("gpt2") is None
+    monkeypatch.setattr(pretrained, "_dequantised_copy", lambda *a: pytest.fail("no conversion for a typo"))
+    for typo, near in (("smolm2", "smollm2"), ("MiniLMM", "minilm")):
+        assert main(["compress", typo, "--bits", "4", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"did you mean {near!r}" in err
+    assert pretrained.resolve_model("org/some-model") == ("org/some-model", None)  # a hub id stays one

@@ -95,12 +95,12 @@ def calib_flags(p: argparse.ArgumentParser, *, apart_from: str) -> None:
                                    f"a text (file, folder or corpus[:split]; keep it apart from {apart_from}), "
                                    "'model' (text sampled from the model: the default), 'mix' (the bundled "
                                    "corpora: the default for a model that cannot generate) or 'model+mix'")
-    p.add_argument("--calib-tokens", type=_positive_tokens, default=None, metavar="N",
+    p.add_argument("--calib-tokens", type=positive_tokens, default=None, metavar="N",
                    help=f"calibration budget in tokens (default: {DEFAULT_TOKENS} of a text, {SOURCES['model']} "
                         f"sampled for 'model', {SOURCES['mix']} for 'mix')")
 
 
-def _positive_tokens(text: str) -> int:
+def positive_tokens(text: str) -> int:
     """A token budget, checked when the command line is read (before any model loads)."""
     try:
         n = int(text)

@@ -18,8 +18,8 @@ from ..compression.registry import as_pipeline, describe_methods
 from ..errors import LmembedError
 from ..evaluation.quick import quality_check
 from ..export.blocks import BLOCK_TYPES
-from .args import calib_flags, progress_flag
-from .summary import Quality, Sizes, open_source, summary_table
+from .args import calib_flags, positive_tokens, progress_flag
+from .summary import Quality, open_source, summary_table
 
 EXAMPLES = """\
 examples:
@@ -63,7 +63,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-text", help="text for the quality check (default: the bundled wiki:test, which no "
                                        "calibration reads); a file, folder or corpus[:split]")
     p.add_argument("--no-eval", action="store_true", help="skip the quality check")
-    p.add_argument("--max-tokens", type=_tokens, default=None, metavar="N",
+    p.add_argument("--max-tokens", type=positive_tokens, default=None, metavar="N",
                    help="tokens of the quality-check text (default: 4096 for causal LMs)")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="dtype of the rest of the model (default auto: the source's, bf16 for a GGUF source)")
@@ -86,16 +86,6 @@ def _bits(text: str) -> float:
     except (ValueError, LmembedError) as e:
         raise argparse.ArgumentTypeError(str(e) if isinstance(e, LmembedError) else f"expected a number, not "
                                          f"{text!r}") from None
-
-
-def _tokens(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, not {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of tokens, not {n}")
-    return n
 
 
 def run(args) -> int:

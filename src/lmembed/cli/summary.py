@@ -11,7 +11,7 @@ import torch
 from ..common.report import markdown_table
 from ..common.steps import Steps, human_bytes
 from ..evaluation.targets import Opened, open_model
-from ..models.pretrained import BUNDLED_MODELS, resolve_model
+from ..models.pretrained import BUNDLED_MODELS, bundled_name, resolve_model
 from ..models.sizes import DTYPES, cast_body, files_bytes, source_dtype, state_bytes, weight_files
 
 METRIC_NAMES = {"ppl": "perplexity", "pseudo_ppl": "pseudo-perplexity", "sentence_cosine": "sentence cosine"}
@@ -49,7 +49,7 @@ class Sizes:
 
 def open_source(spec: str, steps: Steps) -> tuple[Opened, Sizes]:
     """The model to compress, opened as one visible step, with what it weighs on disk."""
-    bundled = BUNDLED_MODELS.get(spec)
+    bundled = BUNDLED_MODELS.get(bundled_name(spec) or "")
     if bundled is not None and bundled.gguf_file:
         steps.say(f"load: {spec} (its first use converts the bundled GGUF to a cached fp32 folder, about 30 s)")
     with steps.step("load") as s:
@@ -69,7 +69,7 @@ def _sizes(spec: str, opened: Opened) -> Sizes:
     if opened.kind != "pretrained":
         sizes.source_files = weight_files(Path(opened.source)) if Path(opened.source).is_dir() else []
         return sizes
-    bundled = BUNDLED_MODELS.get(spec)
+    bundled = BUNDLED_MODELS.get(bundled_name(spec) or "")
     if bundled is not None and bundled.gguf_file:  # what the user has is the GGUF, not lmembed's fp32 copy
         from ..data.bundled import package_dir
 

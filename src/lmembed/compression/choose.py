@@ -39,7 +39,8 @@ class Choice:
 
 def check_bits(bits: float) -> float:
     """A budget is a finite number of bits per value in (0, 16)."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits) or not 0 < bits < MAX_BITS:
+    number = isinstance(bits, (int, float)) and not isinstance(bits, bool)
+    if not number or not math.isfinite(bits) or not 0 < bits < MAX_BITS:
         raise LmembedError(f"bits = {bits!r}: expected stored bits per value between 0 and {MAX_BITS:g} "
                            "(e.g. 4.5; fp16 is 16, fp32 32)")
     return float(bits)

@@ -49,14 +49,24 @@ class QualityCheck:
                 "lower_is_better": self.subject.lower_is_better}
 
 
-def quality_check(opened: Opened, text: str | None, max_tokens: int | None, steps: Steps) -> QualityCheck:
-    """Measure the dense model now (it is compressed in place next)."""
+def quality_check(opened: Opened, text: str | None, max_tokens: int | None, steps: Steps) -> QualityCheck | None:
+    """Measure the dense model now (it is compressed in place next). None, with one line saying why,
+    when the default text cannot serve (its package is missing, the model has no metric yet); a
+    text the user named fails loudly instead."""
     kind = "run" if opened.run_config is not None else model_kind(opened.model)
-    text = text if text is not None or kind == "run" else QUICK_TEXT
+    chosen = text if text is not None or kind == "run" else QUICK_TEXT
     tokens = max_tokens or QUICK_TOKENS.get(kind, 4096)
-    subject = load_subject(opened, text=text, max_tokens=tokens, window=QUICK_WINDOW, stride=QUICK_WINDOW,
-                           progress=steps.bars)
+    try:
+        subject = load_subject(opened, text=chosen, max_tokens=tokens, window=QUICK_WINDOW, stride=QUICK_WINDOW,
+                               progress=steps.bars)
+    except LmembedError as e:
+        if text is not None:
+            raise
+        steps.say(f"quality check skipped ({e}); pass --eval-text, or --no-eval")
+        return None
+    text = chosen
     with steps.step("evaluate dense") as s:
         before = subject.evaluate(subject.model)
-        s.note = f"{subject.metric} {before[subject.metric]:.4g} on {text or 'its test split'} ({subject.eval_settings})"
+        where = text or "its test split"
+        s.note = f"{subject.metric} {before[subject.metric]:.4g} on {where} ({subject.eval_settings})"
     return QualityCheck(subject, text or "test split", before)
