@@ -14,6 +14,7 @@ import sys
 from typing import NoReturn
 
 from .._version import __version__
+from ..common.files import Terminated, terminate_as_interrupt
 from ..common.runtime import tune_allocator
 from ..errors import LmembedError
 
@@ -51,19 +52,50 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        check_common(args)
+        with terminate_as_interrupt(die=False):
+            return int(args.func(args) or 0)
     except LmembedError as e:
         print(f"lmembed: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted (the last finished epoch's checkpoint is kept; continue with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {interrupt_note(args)}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # disk full, permissions, missing files outside our own checks
         if os.environ.get("LMEMBED_DEBUG"):
             raise
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"lmembed: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+
+
+MAX_SEED = 2**32 - 1  # what numpy's generator takes, and so what every seed of a run must fit
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Bounds of the flags several commands share, before any work (argparse checks only types)."""
+    seed = getattr(args, "seed", None)
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        raise LmembedError(f"--seed {seed}: must be in 0..{MAX_SEED}")
+    tokens = getattr(args, "max_tokens", None)
+    if isinstance(tokens, int) and tokens < 1:
+        raise LmembedError(f"--max-tokens {tokens}: must be a positive number of tokens")
+
+
+# What an interrupted command leaves, by command: each says what is kept and how to go on.
+INTERRUPTED = {
+    "train": "the last finished epoch's checkpoint is kept; continue with --resume",
+    "train-seq2seq": "the last finished epoch's checkpoint is kept; continue with --resume",
+    "finetune": "finished seeds are kept; the same command continues",
+    "bench": "finished rows are kept; the same command resumes",
+    "compress": "nothing was written to --out (what was there is unchanged); run the command again",
+    "export": "nothing was written to --out (what was there is unchanged); run the command again",
+    "analyze": "nothing was written to --out; run the command again",
+}
+
+
+def interrupt_note(args: argparse.Namespace) -> str:
+    return INTERRUPTED.get(str(getattr(args, "command", "")), "nothing was written")
 
 
 if __name__ == "__main__":

@@ -343,9 +343,9 @@ def build_and_publish(out: Path, owned: set[str], build: Callable[[Path], None],
     """Build the new output in a staging folder (`build(tmp)`) and switch it in whole (publish_dir).
     Whatever stops the build (an error, Ctrl-C, SIGTERM, a full disk) removes the staging folder
     and leaves the old output as it was; a full disk or a refused write is one line naming `out`."""
-    tmp = staging_dir(out)
-    try:
-        with terminate_as_interrupt():
+    with terminate_as_interrupt():
+        tmp = staging_dir(out)
+        try:
             try:
                 build(tmp)
             except OSError as e:
@@ -353,9 +353,9 @@ def build_and_publish(out: Path, owned: set[str], build: Callable[[Path], None],
                                    "unchanged") from None
             fault_point("save:staged")
             publish_dir(tmp, out, owned | {f.name for f in tmp.iterdir()})
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Terminated(KeyboardInterrupt):
@@ -364,10 +364,12 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM raises Terminated (main thread, where no handler of the program's is set)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) not in (
-            signal.SIG_DFL, None):
+def terminate_as_interrupt(*, die: bool = True) -> Iterator[None]:
+    """Within the block SIGTERM raises Terminated (in the main thread, where the program has set
+    no handler of its own). `die`: once the cleanup it triggers is done, the process still ends
+    as SIGTERM ends it; the command line instead reports it (exit code 143)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous not in (signal.SIG_DFL, None):
         yield
         return
 
@@ -377,8 +379,13 @@ def terminate_as_interrupt() -> Iterator[None]:
     signal.signal(signal.SIGTERM, stop)
     try:
         yield
-    finally:
+    except Terminated:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if die:
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def clean_leftovers(out: str | Path) -> list[str]:

@@ -27,6 +27,8 @@ both sides compressed), see DEFAULT_CALIB for the numbers that made ``model`` th
 
 Statistics are cached on disk, keyed by the matrix, the text's token ids (or the source and its
 sampling settings) and the budget, so a bench that calibrates ten methods runs the model once.
+An entry records the digest of those inputs and of its content and is computed again, with one
+line saying so, when either does not match (lmembed.common.cache).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..common.cache import content_digest, note
+from ..common.files import atomic_torch_save
 from ..errors import LmembedError
 from .fit_quality import content_hash
 from .hf import find_sites
@@ -59,7 +63,7 @@ DEFAULT_CALIB = "model"
 SAMPLE_BATCH = 16  # sequences sampled in parallel
 PROB_ROWS = 256  # positions whose probabilities are formed at once (a 256 x V float block)
 SAMPLE_LENGTH = 256  # tokens per sampled sequence (capped by the model's context)
-CALIB_VERSION = "3"  # part of every cache key (3: the input Fisher)
+CALIB_VERSION = "4"  # part of every cache key (3: the input Fisher; 4: entries record their digests)
 FISHER_TOKENS = 1024  # positions whose input-embedding gradients make the input Fisher
 
 
@@ -169,7 +173,7 @@ def _text_ids(spec: str, tokenizer: Any, vocab_size: int, max_chars: int | None 
         raise LmembedError(f"calibration text {spec}: a tokenizer is needed to read text (pass tokenizer=)")
     from ..data.texts import load_text
 
-    text = load_text(spec)[:max_chars]
+    text = load_text(spec, max_chars)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
                        dtype=torch.long)
     if len(ids) and int(ids.max()) >= vocab_size:
@@ -214,12 +218,14 @@ def resolve_calibration(model: torch.nn.Module, methods: list[Any], calib: Any, 
     """Statistics for the methods (Method objects or method strings / pipelines): as given, from the
     given text, or, when a calibrated method is given none, from default_source (users rarely know
     the domain of tomorrow's prompts). None when nothing needs them."""
+    from .registry import as_pipeline
+
+    stages = [s for m in methods for s in (as_pipeline(m) if isinstance(m, str) else [m])]
+    for m in stages:  # a method that cannot serve this model says so before it is calibrated
+        getattr(m, "check_model", lambda model: None)(model)
     if isinstance(calib, CalibStats):
         return calib
     if calib is None:
-        from .registry import as_pipeline
-
-        stages = [s for m in methods for s in (as_pipeline(m) if isinstance(m, str) else [m])]
         if not any(getattr(m, "needs_calib", False) for m in stages):
             return None
         calib = default_source(model, tokenizer)
@@ -263,20 +269,61 @@ def calibrate(model: torch.nn.Module, calib: Any, *, tokenizer: Any = None, toke
     key.update(f"{window}:{sample}:{seed}:{CALIB_VERSION}".encode())
     if source in SOURCES:
         key.update(f"{source}:{sampled}:{SAMPLE_BATCH}:{SAMPLE_LENGTH}:1.0:{CALIB_VERSION}".encode())
-    path = _cache_dir() / f"{key.hexdigest()[:20]}.pt"
-    if cache and path.exists():
-        try:
-            return CalibStats(**torch.load(path, weights_only=True))
-        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
-            path.unlink(missing_ok=True)
+    inputs = key.hexdigest()
+    path = _cache_dir() / f"{inputs[:20]}.pt"
+    cached = _read_cached(path, inputs, v, d) if cache else None
+    if cached is not None:
+        return cached
     stats = _collect(model, ids, sampled, source, window=window, batch=batch, sample=sample, seed=seed,
                      progress=progress)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(stats.to_dict(), tmp)
-        os.replace(tmp, path)
+        _write_cached(path, inputs, stats)
     return stats
+
+
+def _read_cached(path: Path, inputs: str, vocab: int, dim: int) -> CalibStats | None:
+    """The cache entry at `path` when it was computed from `inputs` and is as it was written
+    (lmembed.common.cache); otherwise None, with one line saying why it is computed again."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, weights_only=True)
+        fields = entry["stats"]
+        problem = ("it was computed from other inputs" if entry.get("inputs") != inputs else
+                   "its content changed after it was written" if entry.get("content_sha256") != content_digest(fields)
+                   else None)
+        stats = None if problem else CalibStats(**fields)
+    except Exception as e:  # noqa: BLE001 - a damaged entry (truncated, not a dict) is computed again
+        problem, stats = f"it cannot be read ({type(e).__name__})", None
+    problem = problem or _stats_problem(stats, vocab, dim)
+    if problem:
+        note(f"calibration cache {path}: {problem}; computing the statistics again")
+        return None
+    stats.from_cache = True  # type: ignore[union-attr]  # what the command line reports
+    return stats
+
+
+def _stats_problem(stats: CalibStats, vocab: int, dim: int) -> str | None:
+    """Shapes that do not fit a V x d matrix, or values that are not finite."""
+    want = {"in_freq": (vocab,), "out_prob": (vocab,), "hidden_moment": (dim, dim), "input_fisher": (dim, dim)}
+    for name, shape in want.items():
+        t = getattr(stats, name)
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape
+                              or not bool(torch.isfinite(t).all())):
+            return f"its {name} does not fit a {vocab} x {dim} matrix or is not finite"
+    return None if stats.dim == dim else f"it is for dimension {stats.dim}, not {dim}"
+
+
+def _write_cached(path: Path, inputs: str, stats: CalibStats) -> None:
+    """Write an entry with the digests of its inputs and content; a cache that cannot be written
+    (read-only, full) is one line, and the statistics are used uncached."""
+    fields = stats.to_dict()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"inputs": inputs, "content_sha256": content_digest(fields), "stats": fields}, path)
+    except (OSError, RuntimeError) as e:
+        note(f"calibration cache {path.parent}: cannot be written ({getattr(e, 'strerror', None) or e}); "
+             "the statistics are not cached")
 
 
 def _collect(model: torch.nn.Module, ids: torch.Tensor, sampled: int, source: str, *, window: int, batch: int,

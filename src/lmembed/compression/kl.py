@@ -42,6 +42,13 @@ class KLFinetune(Method):
     def makes(self, given: str) -> str:
         return given
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        from .hf import find_sites
+
+        if find_sites(model).output_module is None:
+            raise LmembedError(f"method {self.text!r} matches output distributions, and {type(model).__name__} has no "
+                               "output layer (an encoder): leave kl out of the pipeline")
+
     def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
         raise LmembedError(f"method {self.text!r} fine-tunes a compressed matrix: put it after a method "
                            "(e.g. 'mixed:3.5 > kl:100')")

@@ -110,6 +110,14 @@ class KMixed(Mixed):
     def narrowest(self, dim: int) -> float:
         return row_bytes(dim, min(self.choices), self.group) * 8 / dim + map_bits(len(self.choices)) / dim
 
+    def widest(self, dim: int) -> float:
+        return row_bytes(dim, max(self.choices), self.group) * 8 / dim + map_bits(len(self.choices)) / dim
+
+    def ceiling(self) -> float:
+        """The most `widest` can be for d >= G: codes, sub-scales and sub-mins each round up by at
+        most a byte and a group, plus the 4-byte super scale and the map entry."""
+        return max(self.choices) + (72 + map_bits(len(self.choices))) / self.group
+
     def candidate(self, rows: torch.Tensor, metric: torch.Tensor, bits: int) -> SuperBlockEmbedding:
         """Some rows at one width (rows are fitted independently of each other)."""
         if self.gptq:

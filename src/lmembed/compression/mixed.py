@@ -38,6 +38,7 @@ from .registry import (
     Arg,
     FitContext,
     Method,
+    check_ceiling,
     group_size,
     positive_float,
     register,
@@ -140,6 +141,7 @@ class Mixed(Method):
         if self.avg <= min(self.choices):
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
                                f"({min(self.choices)} bits, before its scales and the row map)")
+        check_ceiling(self, self.avg, self.ceiling(), "for any matrix")
 
     def check(self, num_embeddings: int, dim: int) -> None:
         if self.group > dim:
@@ -148,6 +150,16 @@ class Mixed(Method):
         if self.avg < lo:
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "
                                f"({lo:.3f} with its scales and the row map)")
+        check_ceiling(self, self.avg, self.widest(dim), f"for a {num_embeddings} x {dim} matrix")
+
+    def widest(self, dim: int) -> float:
+        """Stored bits per value of a row at the widest width, its scales and map entry included."""
+        return float(self.row_bits(dim).max()) / dim
+
+    def ceiling(self) -> float:
+        """The most `widest` can be for any width d >= G (check refuses d < G): a row's codes round
+        up to 8 bits, its fp16 scales to one more group, its map byte, each at most 16 / G bits."""
+        return max(self.choices) + 48 / self.group
 
     def narrowest(self, dim: int) -> float:
         """Stored bits per value of a row at the narrowest width, its scales and map entry included."""

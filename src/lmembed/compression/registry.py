@@ -136,6 +136,10 @@ class Method:
     def check(self, num_embeddings: int, dim: int) -> None:
         """Reject settings that cannot work for a V x d matrix, before any heavy work."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Reject a model this method cannot serve (kl: one without an output layer), once the
+        model is open and before it is calibrated or fitted."""
+
     def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
         raise NotImplementedError
 
@@ -150,6 +154,14 @@ class Method:
         """Vocabulary stages only: change the model's vocabulary in place before anything is
         fitted; returns what the later stages need (lmembed.compression.trim.VocabTrim)."""
         raise NotImplementedError(f"{type(self).__name__} is not a vocabulary stage")
+
+
+def check_ceiling(method: Method, avg: float, ceiling: float, of: str) -> None:
+    """Refuse a budget above what the method's format can store (the allocation would silently
+    stop at its widest setting and spend less than asked)."""
+    if avg > ceiling + 1e-9:
+        raise LmembedError(f"method {method.text!r}: {avg} bits per value is more than {method.name} can store {of} "
+                           f"(at most {ceiling:.3f} bits per value, everything counted)")
 
 
 def _checked(method: str, arg: Arg, value: Any) -> Any:
@@ -212,8 +224,12 @@ def non_negative_int(s: str) -> int:
 
 
 def group_size(s: str) -> int:
-    """`g32` (or `32`): columns per quantisation group."""
-    return positive_int(s[1:] if s.startswith("g") else s)
+    """`g32`: columns per quantisation group. The `g` is required: a bare number in that place
+    (`int4:32`) is refused, never read as a group size it may not mean."""
+    if not s.startswith("g"):
+        raise ValueError(f"write it as g{s}: G columns per scale" if s.isdigit()
+                         else "expected gG, e.g. g32")
+    return positive_int(s[1:])
 
 
 group_size.show = lambda v: f"g{v}"  # type: ignore[attr-defined]

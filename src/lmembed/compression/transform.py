@@ -37,7 +37,7 @@ from .allocation import allocate
 from .calibrated import FLOOR, INPUT, need_calib, sensitivity
 from .mixed import LOGIT_POSITIONS
 from .modules import FIT_ROWS, CompressedEmbedding, IndexedEmbedding, pack_bits, register_module, unpack_bits
-from .registry import Arg, FitContext, Method, positive_float, positive_int, register
+from .registry import Arg, FitContext, Method, check_ceiling, positive_float, positive_int, register
 
 WIDTHS = (0, 1, 2, 3, 4, 5, 6, 8)  # bits per code a (row, band) may get
 MAP_BITS = 3  # one width class per (row, band)
@@ -89,6 +89,19 @@ def quantize_band(x: torch.Tensor, bits: int, weight: torch.Tensor, search: int
 def _item_bits(size: int) -> torch.Tensor:
     """Stored bits of one (row, band) at each width: the packed codes and the scale byte."""
     return torch.tensor([8 * (math.ceil(size * b / 8) + 1) if b else 0 for b in WIDTHS], dtype=torch.float64)
+
+
+def widest(num_embeddings: int, dim: int) -> float:
+    """Stored bits per value with every (row, band) at the widest width, everything counted."""
+    sizes = band_sizes(dim)
+    per_row = sum(float(_item_bits(s).max()) for s in sizes)
+    return (num_embeddings * per_row + fixed_bits(num_embeddings, dim, sizes)) / (num_embeddings * dim)
+
+
+# The most `widest` reaches for a matrix of d >= 16 columns and V >= d rows (19.06 bits per value,
+# at 16 x 16; test_trust_methods checks every d up to 4096): a budget above it is refused when the
+# method is parsed, before any model loads; check() then bounds it exactly for the V x d at hand.
+CEILING = 19.1
 
 
 def fixed_bits(num_embeddings: int, dim: int, sizes: list[int]) -> int:
@@ -218,11 +231,15 @@ class TransformCoding(Method):
                INPUT,
                FLOOR)
 
+    def check_args(self) -> None:
+        check_ceiling(self, self.avg, CEILING, "for any matrix of d >= 16 columns and V >= d rows")
+
     def check(self, num_embeddings: int, dim: int) -> None:
         lo = fixed_bits(num_embeddings, dim, band_sizes(dim)) / (num_embeddings * dim)
         if self.avg <= lo:
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value does not cover the decoder and width "
                                f"maps of a {num_embeddings} x {dim} matrix ({lo:.3f} bits per value)")
+        check_ceiling(self, self.avg, widest(num_embeddings, dim), f"for a {num_embeddings} x {dim} matrix")
 
     def fit(self, weight: torch.Tensor, ctx: FitContext) -> CompressedEmbedding:
         v, d = weight.shape

@@ -13,12 +13,13 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from array import array
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -101,11 +102,38 @@ def find_layout(root: Path) -> dict[str, list[Path]]:
     raise LmembedError(f"{root}: no corpus files found; expected one of these layouts: {expected}")
 
 
+MAX_LINE_BYTES = 1 << 24  # 16 MiB: a longer "line" is not text (a binary or sparse file), and is refused
+
+
+def open_text(path: Path) -> BinaryIO:
+    """A regular file, opened for reading. FIFOs, devices and sockets are refused: reading one
+    would wait forever or never end (a FIFO nobody writes, /dev/zero)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    except FileNotFoundError:
+        raise LmembedError(f"{path}: file not found") from None
+    except OSError as e:
+        raise LmembedError(f"{path}: cannot be read ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise LmembedError(f"{path}: is {kind}, not a regular file; lmembed reads text from regular files only")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def iter_lines(paths: list[Path], encoding: str = "utf-8") -> Iterator[str]:
-    """Lines of the files in order, decoded strictly: bad bytes are reported by file and line."""
+    """Lines of the files in order, decoded strictly: bad bytes are reported by file and line. Read
+    a line at a time, each at most MAX_LINE_BYTES: memory stays bounded whatever the file holds."""
     for path in paths:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+        with open_text(path) as f:
+            lineno = 0
+            while raw := f.readline(MAX_LINE_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raise LmembedError(f"{path}: line {lineno} is longer than {MAX_LINE_BYTES >> 20} MiB, so this is "
+                                       "not a text file lmembed reads (a binary file? split long lines)")
                 try:
                     line = raw.decode(encoding)
                 except UnicodeDecodeError as e:

@@ -23,8 +23,8 @@ def text_files(spec: str) -> tuple[list[Path], str]:
         entry = bundled.get(name)
         return entry.files()[split], entry.encoding
     p = Path(spec).expanduser()
-    if p.is_file():
-        return [p], "utf-8"
+    if p.exists() and not p.is_dir():
+        return [p], "utf-8"  # a FIFO or device is refused by name when it is opened (open_text)
     if p.is_dir():
         txt = sorted(p.glob("*.txt"))
         try:
@@ -37,10 +37,25 @@ def text_files(spec: str) -> tuple[list[Path], str]:
                        f"({', '.join(sorted(bundled.REGISTRY))}, optionally with :train/:valid/:test)")
 
 
-def load_text(spec: str) -> str:
-    """The whole text, lines kept (UTF-8 errors name file and line)."""
+MAX_TEXT_CHARS = 1 << 28  # 256 Mi characters: an evaluation or calibration text never needs more
+
+
+def load_text(spec: str, max_chars: int | None = None) -> str:
+    """The text, lines kept (UTF-8 errors name file and line), read a line at a time: its first
+    `max_chars` characters when given, else the whole text, which must hold at most
+    MAX_TEXT_CHARS (a larger input is one clear error, not a process that runs out of memory)."""
     files, encoding = text_files(spec)
-    text = "".join(iter_lines(files, encoding))
+    limit = MAX_TEXT_CHARS if max_chars is None else max_chars
+    parts, size = [], 0
+    for line in iter_lines(files, encoding):
+        parts.append(line)
+        size += len(line)
+        if size > limit:
+            if max_chars is not None:
+                break
+            raise LmembedError(f"text {spec!r}: longer than {MAX_TEXT_CHARS >> 20} Mi characters, more than "
+                               "lmembed reads for evaluation or calibration; give a shorter text")
+    text = "".join(parts)[:limit]
     if not text.strip():
         raise LmembedError(f"text {spec!r} ({files[0]}{' ...' if len(files) > 1 else ''}) is empty")
     return text

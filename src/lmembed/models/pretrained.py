@@ -15,10 +15,12 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..common.cache import files_problem, files_record, note
 from ..common.files import read_json
 from ..data.bundled import package_dir
 from ..errors import LmembedError
@@ -52,10 +54,27 @@ def _cache_root() -> Path:
     return (Path(env) if env else Path.home() / ".cache" / "lmembed") / "models"
 
 
+def bundled_name(spec: str) -> str | None:
+    """The bundled model `spec` names, in any case (`SmolLM2` is `smollm2`), or None."""
+    name = str(spec).strip().lower()
+    return name if name in BUNDLED_MODELS and not Path(str(spec)).expanduser().exists() else None
+
+
+def _refuse_near_miss(spec: str) -> None:
+    """A bare name one typo from a bundled one is refused at once, not looked up on the hub."""
+    import difflib
+
+    near = difflib.get_close_matches(spec.strip().lower(), list(BUNDLED_MODELS), n=1, cutoff=0.7)
+    if near and "/" not in spec:
+        raise LmembedError(f"{spec}: no such model folder or bundled model; did you mean {near[0]!r}? (bundled "
+                           f"models: {', '.join(BUNDLED_MODELS)})")
+
+
 def resolve_model(spec: str) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name or None) for a bundled name, a local folder or a hub id."""
-    if spec in BUNDLED_MODELS:
-        m = BUNDLED_MODELS[spec]
+    name = bundled_name(spec)
+    if name is not None:
+        m = BUNDLED_MODELS[name]
         folder = package_dir(m.package, m.install_hint) / m.subdir
         if m.gguf_file:
             gguf = folder / m.gguf_file
@@ -73,18 +92,49 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
         if not (p / "config.json").exists() and ggufs:
             return str(p), ggufs[0].name
         return str(p), None
+    _refuse_near_miss(spec)
     if spec.count("/") <= 1 and not spec.startswith((".", "/", "~")):
         return spec, None  # a hub id: transformers will try the cache, then the network
     raise LmembedError(f"{spec}: model folder not found (bundled models: {', '.join(BUNDLED_MODELS)})")
 
 
+SOURCE_RECORD = "lmembed_source.json"  # a conversion's record: its GGUF (the inputs) and its files (the content)
+
+
 def _dequantised_copy(m: BundledModel, gguf: Path) -> Path:
-    """fp32 model folder converted from the GGUF once, keyed by the file's size and mtime."""
+    """fp32 model folder converted from the GGUF once, keyed by the file's path, size and mtime.
+    The folder records those inputs and its files' sha256; a conversion that does not match its
+    record (edited, truncated, a file missing) is converted again, with one line saying so."""
     st = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = _cache_root() / f"{m.name}-{key}"
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    inputs = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    out = _cache_root() / f"{m.name}-{hashlib.sha1(inputs.encode()).hexdigest()[:12]}"
+    problem = _conversion_problem(out, inputs)
+    if problem is None:
         return out
+    if out.exists():
+        note(f"cached conversion {out}: {problem}; converting {gguf.name} again")
+    _convert(m, gguf, out, inputs)
+    return out
+
+
+def _conversion_problem(out: Path, inputs: str) -> str | None:
+    """Why the cached conversion at `out` cannot be used as it is, or None."""
+    if not out.is_dir():
+        return "missing"
+    try:
+        record = json.loads((out / SOURCE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"its {SOURCE_RECORD} is missing or not JSON"
+    if not isinstance(record, dict) or record.get("inputs") != inputs:
+        return "it records another source file"
+    files = record.get("files")
+    if not isinstance(files, dict) or not {"config.json", "model.safetensors"} <= files.keys():
+        return "its record does not list config.json and model.safetensors"
+    return files_problem(out, files)
+
+
+def _convert(m: BundledModel, gguf: Path, out: Path, inputs: str) -> None:
+    """Convert the GGUF into a folder beside `out`, record it, and switch it in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -92,6 +142,21 @@ def _dequantised_copy(m: BundledModel, gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
     except ImportError as e:
         raise LmembedError(f"loading {m.name} needs extra packages: {m.install_hint} ({e})") from None
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        _write_conversion(model, tok, tmp)
+        names = sorted(f.name for f in tmp.iterdir() if f.is_file())
+        record = {"gguf": str(gguf), "model": m.name, "inputs": inputs, "files": files_record(tmp, names)}
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+        _switch_in(tmp, out)
+    except OSError as e:
+        raise LmembedError(f"{out}: cannot write the converted {m.name} model ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_conversion(model: Any, tok: Any, tmp: Path) -> None:
+    """config, fp32 weights (tied tensors once) and tokenizer of the dequantised model."""
     from safetensors.torch import save_file
 
     # save_pretrained refuses GGUF-quantised models; the weights are plain fp32 tensors by now, so
@@ -99,8 +164,8 @@ def _dequantised_copy(m: BundledModel, gguf: Path) -> Path:
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     config.architectures = [type(model).__name__]
     config.save_pretrained(tmp)
     state = model.state_dict()
@@ -109,14 +174,19 @@ def _dequantised_copy(m: BundledModel, gguf: Path) -> Path:
         state = {k: v for k, v in state.items() if v.data_ptr() != in_emb.weight.data_ptr() or "embed" in k}
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(tmp)
-    (tmp / "lmembed_source.json").write_text(json.dumps({"gguf": str(gguf), "model": m.name}) + "\n")
+
+
+def _switch_in(tmp: Path, out: Path) -> None:
+    """`tmp` becomes `out`; a damaged `out` is moved aside first, then removed."""
+    if out.exists():
+        old = out.with_name(out.name + f".old{os.getpid()}")
+        os.replace(out, old)
+        shutil.rmtree(old, ignore_errors=True)
     try:
         os.replace(tmp, out)
-    except OSError:  # a concurrent process finished first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    except OSError:
+        if not out.is_dir():  # else a concurrent process finished first: its conversion is as good
+            raise
 
 
 def _task_class(folder: str, gguf: str | None, task: str):
