@@ -61,12 +61,13 @@ class MixedSuperBlockEmbedding(MixedQuantizedEmbedding):
         self.register_buffer("row_map", pack_bits(row_class.to(torch.int32).view(1, -1), self.map_bits))
         self._index()
 
-    def _index(self) -> None:
-        """The unpacked map (derived, not stored), then each class's rows and each row's slot."""
-        if self.row_map.is_meta:  # built to be loaded into: derived once the real map arrives
-            return
-        self.row_class = unpack_bits(self.row_map, self.map_bits, self.num_embeddings)[0].to(torch.uint8)
-        super()._index()
+    def class_map(self) -> tuple[torch.Tensor, int]:
+        return self.row_map, self.map_bits
+
+    @property
+    def row_class(self) -> torch.Tensor:
+        """Every row's class (unpacked from the stored map when asked: not kept)."""
+        return unpack_bits(self.row_map, self.map_bits, self.num_embeddings)[0].to(torch.uint8)
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> MixedSuperBlockEmbedding:

@@ -22,15 +22,20 @@ from typing import Any
 import torch
 
 from ..errors import LmembedError
+from . import kernels
 from .allocation import allocate
 from .calibrated import DAMP, FLOOR, MIX, gptq_rows, metric_for, need_calib
 from .modules import (
     FIT_ROWS,
     CompressedEmbedding,
     IndexedEmbedding,
+    PackedRows,
     QuantizedEmbedding,
     build_module,
     concat_rows,
+    index_map,
+    map_classes,
+    map_slots,
     register_module,
 )
 from .quantize import CLIP, GRID
@@ -48,7 +53,7 @@ LOGIT_POSITIONS = 64  # positions whose per-width logits are formed at once
 
 
 @register_module
-class MixedQuantizedEmbedding(IndexedEmbedding):
+class MixedQuantizedEmbedding(IndexedEmbedding, PackedRows):
     """Rows quantised at different widths: one QuantizedEmbedding per width + a row -> width map."""
 
     kind = "mixed"
@@ -59,23 +64,25 @@ class MixedQuantizedEmbedding(IndexedEmbedding):
         self.register_buffer("row_class", row_class.to(torch.uint8))
         self._index()
 
+    def class_map(self) -> tuple[torch.Tensor, int]:
+        """The stored row -> class map and the bits of one entry."""
+        return self.row_class, 8
+
     def _index(self) -> None:
-        """Derived (not stored): each row's slot within its class, and each class's rows."""
-        if self.row_class.is_meta:  # built to be loaded into: derived once the real map arrives
+        """Derived (not stored): the map's class-count table (4 bytes per class per 64 rows), once the
+        map is checked against the parts' row counts."""
+        packed, bits = self.class_map()
+        if packed.is_meta:  # built to be loaded into: derived once the real map arrives
             return
-        cls = self.row_class.long()
-        slot = torch.zeros_like(cls)
-        self._rows = []
-        for c in range(len(self.parts)):
-            rows = (cls == c).nonzero().flatten()
-            slot[rows] = torch.arange(len(rows), device=cls.device)
-            self._rows.append(rows)
-        self._slot = slot
+        self._counts = index_map(packed, bits, self.num_embeddings, [p.num_embeddings for p in self.parts],
+                                 f"{self.kind} module: the row-class map")
 
     @classmethod
     def empty(cls, spec: dict[str, Any]) -> MixedQuantizedEmbedding:
         parts = [build_module(p) for p in spec["parts"]]
         counts = [p["num_embeddings"] for p in spec["parts"]]
+        if not 1 <= len(parts) <= kernels.MAX_CLASSES:
+            raise ValueError(f"expected 1..{kernels.MAX_CLASSES} parts")
         row_class = torch.cat([torch.full((n,), c, dtype=torch.uint8) for c, n in enumerate(counts)])
         return cls(parts, row_class, scale=spec["scale"])
 
@@ -83,8 +90,17 @@ class MixedQuantizedEmbedding(IndexedEmbedding):
         return {**super().spec(), "parts": [p.spec() for p in self.parts],
                 "bits": [p.bits for p in self.parts], "rows": [p.num_embeddings for p in self.parts]}
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        cls, slot = self.row_class[ids].long(), self._slot[ids]
+    def layout(self) -> kernels.Layout:
+        """One column range; each row in its class's format (the kernel walks the map)."""
+        packed, bits = self.class_map()
+        cols = kernels.Columns(0, self.embedding_dim, [p.row_codes() for p in self.parts], packed.reshape(-1), bits,
+                               self._counts)
+        return kernels.Layout(self.num_embeddings, self.embedding_dim, [cols])
+
+    def lookup_torch(self, ids: torch.Tensor) -> torch.Tensor:
+        packed, bits = self.class_map()
+        cls = map_classes(packed, bits, ids)
+        slot = map_slots(packed, bits, self._counts, ids, cls)
         out = torch.empty(len(ids), self.embedding_dim, device=ids.device)
         for c, part in enumerate(self.parts):
             sel = (cls == c).nonzero().flatten()
@@ -92,16 +108,18 @@ class MixedQuantizedEmbedding(IndexedEmbedding):
                 out[sel] = part.lookup(slot[sel])
         return out
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits_torch(self, h: torch.Tensor) -> torch.Tensor:
         """Each width's logits scattered into their columns, LOGIT_POSITIONS positions at a time: the
         per-width block is a temporary, so it stays small beside the (positions x V) output."""
-        flat = h.reshape(-1, h.shape[-1])
-        out = torch.empty(len(flat), self.num_embeddings, dtype=h.dtype, device=h.device)
-        for s in range(0, len(flat), LOGIT_POSITIONS):
-            for part, rows in zip(self.parts, self._rows, strict=True):
-                if len(rows):
-                    out[s : s + LOGIT_POSITIONS, rows] = part.logits(flat[s : s + LOGIT_POSITIONS])
-        return out.reshape(*h.shape[:-1], self.num_embeddings)
+        packed, bits = self.class_map()
+        cls = map_classes(packed, bits, torch.arange(self.num_embeddings, device=packed.device))
+        rows = [(cls == c).nonzero().flatten() for c in range(len(self.parts))]
+        out = torch.empty(len(h), self.num_embeddings, dtype=h.dtype, device=h.device)
+        for s in range(0, len(h), LOGIT_POSITIONS):
+            for part, r in zip(self.parts, rows, strict=True):
+                if len(r):
+                    out[s : s + LOGIT_POSITIONS, r] = part.logits(h[s : s + LOGIT_POSITIONS])
+        return out
 
 
 def _choices(s: str) -> tuple[int, ...]:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LmembedError
-from .kernels import DECODE_ROWS, decode, packed_logits
+from . import kernels
+from .kernels import BLOCK, Layout
 
 # Rows dequantised at a time when computing logits: bounds the temporary to chunk x d floats.
 LOGIT_CHUNK = 8192
@@ -86,9 +87,78 @@ class CompressedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.stored_bytes():,} bytes"
 
 
+class PackedRows(CompressedEmbedding):
+    """A module whose rows the C kernels read in place (kernels.Layout): lookups and logits go through
+    them when they can serve (CPU, no gradients, a compiler), else through the PyTorch path, which
+    gives the same numbers (logits up to float summation order)."""
+
+    def layout(self) -> Layout:
+        raise NotImplementedError
+
+    def lookup_torch(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits_torch(self, h: torch.Tensor) -> torch.Tensor:
+        """h (M x d) -> (M x V)."""
+        raise NotImplementedError
+
+    def to_head_space(self, h: torch.Tensor) -> torch.Tensor:
+        """The hidden states the layout's rows are dotted with (a transform's rotation applied)."""
+        return h
+
+    def from_row_space(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of the matrix from the layout's rows (a transform's rotation applied)."""
+        return rows
+
+    def _stored_now(self) -> list[torch.Tensor]:
+        return [t for m in self.modules() for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+
+    def _kernel(self, *extra: torch.Tensor) -> bool:
+        return kernels.usable(*extra, *self._stored_now())
+
+    def _layout(self) -> Layout:
+        """layout() with its native view, kept while the stored tensors are the same objects at the same
+        addresses (the key, ~1 us per tensor; moves and loads also drop it: loads rebuild derived tables)."""
+        key = tuple((id(t), t.data_ptr()) for t in self._stored_now())
+        cached = self.__dict__.get("_layout_cache")
+        if cached is None or cached[0] != key:
+            layout = self.layout()
+            layout.native()
+            cached = self.__dict__["_layout_cache"] = (key, layout)
+        return cached[1]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_layout_cache", None)
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_layout_cache", None)
+        return super()._apply(fn, recurse)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self._kernel(ids):
+            return self.lookup_torch(ids)
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range for {self.num_embeddings} embeddings")
+        return self.from_row_space(kernels.gather(self._layout(), ids))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Few hidden states (decoding): each row's codes read once, the dot products in registers;
+        many (a prompt): chunks of rows decoded into one buffer for a BLAS matmul."""
+        flat = h.reshape(-1, self.embedding_dim)
+        out = (kernels.head(self._layout(), self.to_head_space(flat)) if self._kernel(flat)
+               else self.logits_torch(flat))
+        return out.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
+
+    def dense(self) -> torch.Tensor:
+        if not self._kernel():
+            return super().dense()
+        return self.from_row_space(kernels.rows(self._layout(), 0, self.num_embeddings)).float()
+
+
 class IndexedEmbedding(CompressedEmbedding):
-    """A module with derived lookup tables (row -> class, slot): rebuilt by `_index` whenever its
-    stored tensors are loaded or moved, never saved."""
+    """A module with derived lookup tables (a few bytes per row at most: class-count tables, row
+    places): rebuilt by `_index` whenever its stored tensors are loaded or moved, never saved."""
 
     def _index(self) -> None:
         raise NotImplementedError
@@ -101,6 +171,40 @@ class IndexedEmbedding(CompressedEmbedding):
         out = super()._apply(fn, recurse)
         self._index()
         return out
+
+
+def map_classes(packed: torch.Tensor, bits: int, ids: torch.Tensor) -> torch.Tensor:
+    """Entries `ids` of a map of `bits`-wide classes packed as pack_bits packs them, as int64."""
+    flat = packed.reshape(-1)
+    if bits == 8:
+        return flat[ids].long()
+    bit = ids.long() * bits
+    byte = bit >> 3
+    x = flat[byte].long() | (flat[(byte + 1).clamp_max(len(flat) - 1)].long() << 8)
+    return (x >> (bit & 7)) & ((1 << bits) - 1)
+
+
+def map_slots(packed: torch.Tensor, bits: int, counts: torch.Tensor, ids: torch.Tensor,
+              cls: torch.Tensor) -> torch.Tensor:
+    """Each row's index among the rows of its class (stored in vocabulary order): its block's entry
+    in the class-count table plus the rows of its class before it in the block."""
+    ids = ids.long()
+    before = (ids - ids % BLOCK)[:, None] + torch.arange(BLOCK, device=ids.device)
+    inside = before < ids[:, None]
+    same = map_classes(packed, bits, torch.minimum(before, ids[:, None])) == cls[:, None]
+    return counts[ids // BLOCK, cls].long() + (same & inside).sum(1)
+
+
+def index_map(packed: torch.Tensor, bits: int, num_rows: int, rows_per_class: list[int], what: str) -> torch.Tensor:
+    """The class-count table of a row-class map (kernels.class_counts), once the map is checked: every
+    entry names a class that exists, and each class has as many rows as its stored codes. `what`
+    names the map in the error."""
+    cls = map_classes(packed, bits, torch.arange(num_rows, device=packed.device))
+    found = torch.bincount(cls, minlength=len(rows_per_class))
+    if found.tolist() != list(rows_per_class):
+        raise LmembedError(f"{what} disagrees with the rows stored per class ({found.tolist()} rows per class, "
+                           f"the codes hold {list(rows_per_class)})")
+    return kernels.class_counts(cls, len(rows_per_class))
 
 
 class DenseEmbedding(CompressedEmbedding):
@@ -240,7 +344,7 @@ def from_codes(q: torch.Tensor, bits: int, grid: str) -> torch.Tensor:
     return q - off + 0.5 if grid == "half" else q - off
 
 
-class QuantizedEmbedding(CompressedEmbedding):
+class QuantizedEmbedding(PackedRows):
     """Symmetric integer codes with one fp16 scale per group of `group_size` columns of a row.
 
     x ~ scale * level(q), q in [0, 2**bits): `int` grid levels are q - 2**(bits-1), `half` grid
@@ -278,30 +382,28 @@ class QuantizedEmbedding(CompressedEmbedding):
         s = scales.to(dtype).repeat_interleave(self.group_size, dim=1)[:, : self.embedding_dim]
         return self.levels(packed).to(dtype) * s
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._rows(self.packed[ids], self.scales[ids], torch.float32)
-
     def _shift(self) -> float:
         return (0.5 if self.grid == "half" else 0.0) - (1 << (self.bits - 1))
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Few hidden states (decoding): the packed-code kernel reads each row's codes once;
-        many (a prompt): chunks of rows dequantised for a BLAS matmul."""
-        flat = h.reshape(-1, self.embedding_dim)
-        fast = packed_logits(self.packed, self.scales, flat, bits=self.bits, group=self.group_size,
-                             shift=self._shift())
-        if fast is not None:
-            return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
-        out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
-        buf = torch.empty(min(DECODE_ROWS, self.num_embeddings), self.embedding_dim)
-        step = DECODE_ROWS if decode(self.packed[:1], self.scales[:1], self.embedding_dim, bits=self.bits,
-                                     group=self.group_size, out=buf) is not None else LOGIT_CHUNK
-        for s in range(0, self.num_embeddings, step):
-            e = slice(s, s + step)
-            w = decode(self.packed[e], self.scales[e], self.embedding_dim, bits=self.bits, group=self.group_size,
-                       shift=self._shift(), out=buf)
-            w = w.to(h.dtype) if w is not None else self._rows(self.packed[e], self.scales[e], h.dtype)
-            out[..., s : s + w.shape[0]] = h @ w.t()
+    def row_codes(self) -> kernels.Codes:
+        """The rows as the C kernels read them: (code + shift) * the fp16 scale of its group."""
+        return kernels.Codes("sym", rows=self.num_embeddings, bits=self.bits, group=self.group_size,
+                             codes=self.packed, scales=self.scales, shift=self._shift())
+
+    def layout(self) -> Layout:
+        return Layout(self.num_embeddings, self.embedding_dim,
+                      [kernels.Columns(0, self.embedding_dim, [self.row_codes()])])
+
+    def lookup_torch(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._rows(self.packed[ids], self.scales[ids], torch.float32)
+
+    def logits_torch(self, h: torch.Tensor) -> torch.Tensor:
+        """Chunks of rows dequantised for a matmul: the temporary stays LOGIT_CHUNK x d."""
+        out = torch.empty(len(h), self.num_embeddings, dtype=h.dtype, device=h.device)
+        for s in range(0, self.num_embeddings, LOGIT_CHUNK):
+            e = slice(s, s + LOGIT_CHUNK)
+            w = self._rows(self.packed[e], self.scales[e], h.dtype)
+            out[:, s : s + w.shape[0]] = h @ w.t()
         return out
 
 

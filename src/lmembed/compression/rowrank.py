@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LmembedError
+from . import kernels
 from .modules import IndexedEmbedding, register_module
 
 RANK_DTYPE = torch.int16
@@ -57,8 +58,8 @@ class RowRankEmbedding(IndexedEmbedding):
 
     # -- derived (not stored) ---------------------------------------------------------------------
     def _index(self, strict: bool = True) -> None:
-        """Each row's offset into the flat codes, and the rows of each rank (strict: the ranks must
-        lie in 0..rank and add up to the number of codes stored)."""
+        """Each row's place in the stored order (int32: 4 bytes per row) and, per rank, its first place
+        and first code (strict: the ranks must lie in 0..rank and add up to the number of codes)."""
         if self.ranks.is_meta:
             return
         ranks = self.ranks.long()
@@ -66,45 +67,75 @@ class RowRankEmbedding(IndexedEmbedding):
                        or int(ranks.sum()) != self.codes.numel()):
             raise LmembedError(f"rowrank module: the per-row ranks (0..{self.rank}) do not add up to the "
                                f"{self.codes.numel()} codes stored")
+        ranks = ranks.clamp(0, self.rank)
         order = torch.sort(ranks, stable=True).indices
-        sizes = ranks[order]
-        starts = torch.cumsum(sizes, 0) - sizes
-        self._offset = torch.empty_like(ranks)
-        self._offset[order] = starts
-        self._position = torch.empty_like(ranks)  # each row's place in the stored order
-        self._position[order] = torch.arange(len(ranks), device=ranks.device)
-        self._zero_rows = int((ranks == 0).sum())  # they come first in that order
-        self._blocks = []  # (rank, rows of that rank, first code): each rank's codes are one dense block
-        values, counts = torch.unique_consecutive(sizes, return_counts=True)
-        start = 0
-        for k, n in zip(values.tolist(), counts.tolist(), strict=True):
-            if k:
-                self._blocks.append((k, n, start))
-            start += k * n
+        self._position = torch.empty(len(ranks), dtype=torch.int32, device=ranks.device)
+        self._position[order] = torch.arange(len(ranks), dtype=torch.int32, device=ranks.device)
+        per_rank = torch.bincount(ranks, minlength=self.rank + 1)
+        self._first = per_rank.cumsum(0) - per_rank
+        codes = per_rank * torch.arange(self.rank + 1, device=ranks.device)
+        self._start = codes.cumsum(0) - codes
+        # (rank, rows of that rank, first code): each rank's codes are one dense block
+        self._blocks = [(k, n, int(self._start[k])) for k, n in enumerate(per_rank.tolist()) if k and n]
+        self._zero_rows = int(per_rank[0])  # they come first in the stored order
 
     def block(self, k: int, n: int, start: int) -> torch.Tensor:
         return self.codes[start:start + n * k].view(n, k)
 
-    # -- the two roles ----------------------------------------------------------------------------
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+    def rank_rows(self) -> kernels.RankRows:
+        return kernels.RankRows(self.codes.detach(), self.ranks, self._position, self._first, self._start, self.rank)
+
+    def _kernel(self, *extra: torch.Tensor) -> bool:
+        return self.codes.dtype == torch.float32 and kernels.usable(*extra, self.codes, self.decoder, self.ranks)
+
+    def padded(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` as `rank` codes each, zero past the row's own rank."""
+        if self._kernel(ids):
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+                raise IndexError(f"token id out of range for {self.num_embeddings} embeddings")
+            return kernels.rowrank_rows(self.rank_rows(), ids=ids)
         j = torch.arange(self.rank, device=ids.device)
         k = self.ranks[ids].long()
-        idx = (self._offset.to(ids.device)[ids][:, None] + j).clamp_max(max(self.codes.numel() - 1, 0))
-        z = torch.where(j < k[:, None], self.codes[idx] if self.codes.numel() else 0.0, 0.0)
-        return z @ self.decoder
+        offset = self._start[k] + (self._position[ids].long() - self._first[k]) * k
+        idx = (offset[:, None] + j).clamp_max(max(self.codes.numel() - 1, 0))
+        return torch.where(j < k[:, None], self.codes[idx] if self.codes.numel() else 0.0, 0.0)
+
+    # -- the two roles ----------------------------------------------------------------------------
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.padded(ids) @ self.decoder
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1])
-        zt = (flat @ self.decoder.to(h.dtype).t()).t()
-        out = torch.empty(len(flat), self.num_embeddings, dtype=h.dtype, device=h.device)
-        position = self._position.to(h.device)
-        blocks = [(self.block(k, n, start).to(h.dtype), k) for k, n, start in self._blocks]
+        if self._kernel(flat):
+            out = self._kernel_logits(flat.float() @ self.decoder.detach().t()).to(h.dtype)
+        else:
+            out = self._torch_logits(flat)
+        return out.reshape(*h.shape[:-1], self.num_embeddings)
+
+    def _kernel_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Few positions: every row's codes dotted with z in C; many: rows decoded a chunk at a time
+        (zero-padded to `rank` codes) for a BLAS matmul."""
+        rows = self.rank_rows()
+        if len(z) <= kernels.KERNEL_MAX_ROWS:
+            return kernels.rowrank_logits(rows, z)
+        out = torch.empty(len(z), self.num_embeddings)
+        buf = torch.empty(min(kernels.DECODE_ROWS, self.num_embeddings), self.rank)
+        for s in range(0, self.num_embeddings, kernels.DECODE_ROWS):
+            c = kernels.rowrank_rows(rows, s, min(kernels.DECODE_ROWS, self.num_embeddings - s), out=buf)
+            out[:, s : s + len(c)] = z @ c.t()
+        return out
+
+    def _torch_logits(self, flat: torch.Tensor) -> torch.Tensor:
+        zt = (flat @ self.decoder.to(flat.dtype).t()).t()
+        out = torch.empty(len(flat), self.num_embeddings, dtype=flat.dtype, device=flat.device)
+        position = self._position.to(flat.device)
+        blocks = [(self.block(k, n, start).to(flat.dtype), k) for k, n, start in self._blocks]
         if torch.is_grad_enabled() and (zt.requires_grad or self.codes.requires_grad):
             for s in range(0, len(flat), LOGIT_POSITIONS):  # differentiable (the kl stage trains through it)
                 z = zt[:, s:s + LOGIT_POSITIONS]
                 parts = [z.new_zeros(self._zero_rows, z.shape[1])] + [c @ z[:k] for c, k in blocks]
                 out[s:s + LOGIT_POSITIONS] = torch.cat(parts).index_select(0, position).t()
-            return out.reshape(*h.shape[:-1], self.num_embeddings)
+            return out
         # inference: two scratch blocks reused for every chunk, so no temporaries pile up in the heap
         scratch = zt.new_zeros(self.num_embeddings, min(LOGIT_POSITIONS, len(flat)))
         ordered = torch.empty_like(scratch)
@@ -116,5 +147,4 @@ class RowRankEmbedding(IndexedEmbedding):
                 row += len(c)
             torch.index_select(scratch[:, :n], 0, position, out=ordered[:, :n])
             out[s:s + n] = ordered[:, :n].t()
-        return out.reshape(*h.shape[:-1], self.num_embeddings)
-
+        return out

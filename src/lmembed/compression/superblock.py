@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LmembedError
-from .kernels import KERNEL_MAX_ROWS, decode, packed_logits
+from . import kernels
 from .modules import (
     LOGIT_CHUNK,
     CompressedEmbedding,
+    PackedRows,
     pack_bits,
     register_module,
     unpack_bits,
@@ -53,7 +54,6 @@ from .quantize import RowQuantizer, check_group, width_variant
 from .registry import Arg, FitContext, group_size, non_negative_int
 
 SUB_BITS = 6  # bits of a group's sub-scale and of its sub-min
-PARAM_ROWS = 1024  # rows whose 6-bit sub-parameters are unpacked at once (unpacking is wide)
 SUB_MAX = (1 << SUB_BITS) - 1
 BITS_RANGE = (2, 8)
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -71,7 +71,7 @@ def bits_per_value(dim: int, bits: int, group: int) -> float:
 
 
 @register_module
-class SuperBlockEmbedding(CompressedEmbedding):
+class SuperBlockEmbedding(PackedRows):
     """Asymmetric B-bit codes in groups of G columns; a group's scale and min are 6-bit multiples of
     its row's fp16 super-scale and super-min: x = (D * a_g) * q - (M * b_g)."""
 
@@ -108,21 +108,6 @@ class SuperBlockEmbedding(CompressedEmbedding):
         sup = supers.float()
         return sup[:, :1] * sub[:, : self.groups], sup[:, 1:] * sub[:, self.groups :]
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._params_key = None  # tensors copied in place keep their address: decode again
-
-    def _decoded_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's group scales and negated mins, decoded once and kept (derived, not stored:
-        2 x V x groups floats, 8/G of the dense matrix), so decoding a token costs no 6-bit unpacking."""
-        key = (self.subs.data_ptr(), self.supers.data_ptr(), self.subs.device)
-        if getattr(self, "_params_key", None) != key:  # a chunk of rows at a time: unpacking bits is wide
-            pairs = [self._group_params(self.subs[e], self.supers[e])
-                     for e in (slice(r, r + PARAM_ROWS) for r in range(0, self.num_embeddings, PARAM_ROWS))]
-            s, m = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-            self._params, self._params_key = (s, -m), key
-        return self._params
-
     def _rows(self, codes: torch.Tensor, subs: torch.Tensor, supers: torch.Tensor) -> torch.Tensor:
         """Dequantised float32 rows from their stored parts."""
         n, d, g, groups = codes.shape[0], self.embedding_dim, self.group_size, self.groups
@@ -131,25 +116,25 @@ class SuperBlockEmbedding(CompressedEmbedding):
         s, m = self._group_params(subs, supers)
         return (s.unsqueeze(-1) * q - m.unsqueeze(-1)).view(n, groups * g)[:, :d]
 
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+    def row_codes(self) -> kernels.Codes:
+        """The rows as the C kernels read them: (D * a_g) * q - (M * b_g), sub-parameters unpacked on the fly."""
+        return kernels.Codes("kq", rows=self.num_embeddings, bits=self.bits, group=self.group_size, codes=self.codes,
+                             subs=self.subs, supers=self.supers)
+
+    def layout(self) -> kernels.Layout:
+        return kernels.Layout(self.num_embeddings, self.embedding_dim,
+                              [kernels.Columns(0, self.embedding_dim, [self.row_codes()])])
+
+    def lookup_torch(self, ids: torch.Tensor) -> torch.Tensor:
         return self._rows(self.codes[ids], self.subs[ids], self.supers[ids])
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Few hidden states: the packed-code kernel (lmembed.compression.kernels); many: chunks
-        of dequantised rows for a BLAS matmul."""
-        flat = h.reshape(-1, self.embedding_dim)
-        s, neg_m = self._decoded_params()
-        if flat.shape[0] <= KERNEL_MAX_ROWS:
-            fast = packed_logits(self.codes, s, flat, bits=self.bits, group=self.group_size, offsets=neg_m)
-            if fast is not None:
-                return fast.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
-        out = torch.empty(*h.shape[:-1], self.num_embeddings, dtype=h.dtype, device=h.device)
+    def logits_torch(self, h: torch.Tensor) -> torch.Tensor:
+        """Chunks of dequantised rows for a matmul (nothing decoded is kept between calls)."""
+        out = torch.empty(len(h), self.num_embeddings, dtype=h.dtype, device=h.device)
         for s0 in range(0, self.num_embeddings, LOGIT_CHUNK):
             e = slice(s0, s0 + LOGIT_CHUNK)
-            w = decode(self.codes[e], s[e], self.embedding_dim, bits=self.bits, group=self.group_size,
-                       offsets=neg_m[e])
-            w = (w if w is not None else self._rows(self.codes[e], self.subs[e], self.supers[e])).to(h.dtype)
-            out[..., s0 : s0 + w.shape[0]] = h @ w.t()
+            w = self._rows(self.codes[e], self.subs[e], self.supers[e]).to(h.dtype)
+            out[:, s0 : s0 + w.shape[0]] = h @ w.t()
         return out
 
 

@@ -33,10 +33,22 @@ from typing import Any
 import torch
 
 from ..errors import LmembedError
+from . import kernels
 from .allocation import allocate
 from .calibrated import FLOOR, INPUT, need_calib, sensitivity
 from .mixed import LOGIT_POSITIONS
-from .modules import FIT_ROWS, CompressedEmbedding, IndexedEmbedding, pack_bits, register_module, unpack_bits
+from .modules import (
+    FIT_ROWS,
+    CompressedEmbedding,
+    IndexedEmbedding,
+    PackedRows,
+    index_map,
+    map_classes,
+    map_slots,
+    pack_bits,
+    register_module,
+    unpack_bits,
+)
 from .registry import Arg, FitContext, Method, check_ceiling, positive_float, positive_int, register
 
 WIDTHS = (0, 1, 2, 3, 4, 5, 6, 8)  # bits per code a (row, band) may get
@@ -44,7 +56,7 @@ MAP_BITS = 3  # one width class per (row, band)
 SCALE_STEPS = 16  # scale codes per octave: a scale is 2 ** ((code - SCALE_ZERO) / SCALE_STEPS)
 SCALE_ZERO = 128
 FIRST_BAND = 4  # columns of the most important band; each next band is twice as wide
-DECODE_ROWS = 8192  # rows decoded at once by the head
+DECODE_ROWS = 8192  # rows decoded at once by the head's PyTorch path
 MAX_BANDS = 32
 def band_sizes(dim: int) -> list[int]:
     """4, 8, 16, ... columns while twice the next band still fits, then the rest in one or two bands."""
@@ -58,8 +70,12 @@ def band_sizes(dim: int) -> list[int]:
     return [*sizes, rest]
 
 
+# every scale a scale byte can name: one table, so the fit, the PyTorch path and the C kernel agree bit for bit
+SCALES = torch.exp2((torch.arange(256, dtype=torch.float32) - SCALE_ZERO) / SCALE_STEPS)
+
+
 def scale_of(code: torch.Tensor) -> torch.Tensor:
-    return torch.exp2((code.float() - SCALE_ZERO) / SCALE_STEPS)
+    return SCALES.to(code.device)[code.long()]
 
 
 def dequantize(q: torch.Tensor, code: torch.Tensor, bits: int) -> torch.Tensor:
@@ -110,7 +126,7 @@ def fixed_bits(num_embeddings: int, dim: int, sizes: list[int]) -> int:
 
 
 @register_module
-class TransformCodedEmbedding(IndexedEmbedding):
+class TransformCodedEmbedding(IndexedEmbedding, PackedRows):
     """E ~ Z R: Z's bands stored at per-(row, band) widths, R = the int8 decoder (see module doc)."""
 
     kind = "tc"
@@ -147,23 +163,24 @@ class TransformCodedEmbedding(IndexedEmbedding):
 
     # -- derived (not stored) ---------------------------------------------------------------------
     def _index(self, strict: bool = True) -> None:
-        """Per band: each row's width class and its slot among the rows of that class (strict: the
-        map must agree with the row counts the codes were sized by)."""
+        """Per band, the width map's class-count table (4 bytes per width per 64 rows), once the map is
+        checked against the row counts the codes were sized by (strict)."""
         if self.map0.is_meta:
             return
-        self._cls, self._slot, self._rows = [], [], []
+        self._counts = []
         for j in range(len(self.sizes)):
-            cls = unpack_bits(getattr(self, f"map{j}"), MAP_BITS, self.num_embeddings)[0].long()
-            if strict and torch.bincount(cls, minlength=len(WIDTHS)).tolist() != self.counts[j]:
-                raise LmembedError(f"tc module: the width map of band {j} disagrees with its row counts")
-            slot, rows = torch.zeros_like(cls), []
-            for c in range(len(WIDTHS)):
-                r = (cls == c).nonzero().flatten()
-                slot[r] = torch.arange(len(r), device=cls.device)
-                rows.append(r)
-            self._cls.append(cls)
-            self._slot.append(slot)
-            self._rows.append(rows)
+            expected = self.counts[j] if strict else self.classes(j).bincount(minlength=len(WIDTHS)).tolist()
+            self._counts.append(index_map(getattr(self, f"map{j}"), MAP_BITS, self.num_embeddings, expected,
+                                          f"tc module: the width map of band {j}"))
+
+    def classes(self, j: int) -> torch.Tensor:
+        """Every row's width class in band j (unpacked from the stored map when asked: not kept)."""
+        m = getattr(self, f"map{j}")
+        return map_classes(m, MAP_BITS, torch.arange(self.num_embeddings, device=m.device))
+
+    @property
+    def _cls(self) -> list[torch.Tensor]:
+        return [self.classes(j) for j in range(len(self.sizes))]
 
     def rotation(self) -> torch.Tensor:
         return self.decoder.float() * self.decoder_scales.float()[:, None]
@@ -173,33 +190,60 @@ class TransformCodedEmbedding(IndexedEmbedding):
         q = unpack_bits(getattr(self, f"codes{j}_{b}")[slots], b, self.sizes[j])
         return dequantize(q, getattr(self, f"scales{j}_{b}")[slots], b)
 
+    def layout(self) -> kernels.Layout:
+        """Band j is columns start_j .. start_j + n_j - 1 of the rotated rows; its map gives each row a
+        width, and a row of width B > 0 is (q + 1/2 - 2^(B-1)) * SCALES[its scale byte]."""
+        cols, start = [], 0
+        for j, size in enumerate(self.sizes):
+            formats = [kernels.Codes("sym", rows=n, bits=b, group=size, codes=getattr(self, f"codes{j}_{b}"),
+                                     scales=getattr(self, f"scales{j}_{b}"), lut=SCALES, shift=0.5 - 2 ** (b - 1))
+                       if b and n else kernels.ZERO for b, n in zip(WIDTHS, self.counts[j], strict=True)]
+            cols.append(kernels.Columns(start, size, formats, getattr(self, f"map{j}").reshape(-1), MAP_BITS,
+                                        self._counts[j]))
+            start += size
+        return kernels.Layout(self.num_embeddings, self.embedding_dim, cols)
+
     # -- the two roles ----------------------------------------------------------------------------
-    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+    def to_head_space(self, h: torch.Tensor) -> torch.Tensor:
+        """h @ Rᵀ: the kernel's, read from the int8 decoder, for a decoding step's few rows."""
+        if len(h) <= kernels.ROTATE_MAX_ROWS:
+            return kernels.rotate(h, self.decoder, self.decoder_scales, transpose=True)
+        return h.float() @ self.rotation().t()
+
+    def from_row_space(self, rows: torch.Tensor) -> torch.Tensor:
+        if len(rows) <= kernels.ROTATE_MAX_ROWS:
+            return kernels.rotate(rows, self.decoder, self.decoder_scales, transpose=False)
+        return rows @ self.rotation()
+
+    def lookup_torch(self, ids: torch.Tensor) -> torch.Tensor:
         z = torch.zeros(len(ids), self.embedding_dim, device=ids.device)
         start = 0
         for j, size in enumerate(self.sizes):
-            cls, slot = self._cls[j][ids], self._slot[j][ids]
+            m = getattr(self, f"map{j}")
+            cls = map_classes(m, MAP_BITS, ids)
+            slot = map_slots(m, MAP_BITS, self._counts[j], ids, cls)
             for c in range(1, len(WIDTHS)):
                 sel = (cls == c).nonzero().flatten()
                 if len(sel):
                     z[sel, start : start + size] = self._band(j, c, slot[sel])
             start += size
-        return z @ self.rotation().to(ids.device)
+        return z @ self.rotation().to(z.device)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        flat = h.reshape(-1, h.shape[-1])
-        hr = flat.float() @ self.rotation().t()
-        out = torch.zeros(len(flat), self.num_embeddings, dtype=torch.float32, device=h.device)
+    def logits_torch(self, h: torch.Tensor) -> torch.Tensor:
+        hr = h.float() @ self.rotation().t()
+        out = torch.zeros(len(h), self.num_embeddings, dtype=torch.float32, device=h.device)
         start = 0
         for j, size in enumerate(self.sizes):
-            hj = hr[:, start : start + size]
+            hj, cls = hr[:, start : start + size], self.classes(j)
             for c in (c for c in range(1, len(WIDTHS)) if self.counts[j][c]):
-                for rows in self._rows[j][c].split(DECODE_ROWS):
-                    z = self._band(j, c, self._slot[j][rows])
-                    for s in range(0, len(flat), LOGIT_POSITIONS):
-                        out[s : s + LOGIT_POSITIONS].index_add_(1, rows, hj[s : s + LOGIT_POSITIONS] @ z.t())
+                rows = (cls == c).nonzero().flatten()  # slot i of the class is its i-th row
+                for s0 in range(0, len(rows), DECODE_ROWS):
+                    z = self._band(j, c, torch.arange(s0, min(s0 + DECODE_ROWS, len(rows)), device=h.device))
+                    r = rows[s0 : s0 + DECODE_ROWS]
+                    for s in range(0, len(h), LOGIT_POSITIONS):
+                        out[s : s + LOGIT_POSITIONS].index_add_(1, r, hj[s : s + LOGIT_POSITIONS] @ z.t())
             start += size
-        return out.to(h.dtype).reshape(*h.shape[:-1], self.num_embeddings)
+        return out
 
 
 def _basis(weight: torch.Tensor, m: torch.Tensor, rw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
