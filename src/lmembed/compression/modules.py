@@ -79,6 +79,19 @@ class CompressedEmbedding(nn.Module):
     def stored_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def derived_bytes(self) -> int:
+        """Bytes of the tensors the module keeps beside its stored ones (index tables, not saved):
+        what it costs in memory over stored_bytes()."""
+        def size(x: Any) -> int:
+            if isinstance(x, torch.Tensor):
+                return x.numel() * x.element_size()
+            if isinstance(x, (list, tuple)):
+                return sum(size(y) for y in x)
+            return 0
+
+        return sum(size(x) for m in self.modules() for k, x in vars(m).items()
+                   if k not in ("_parameters", "_buffers", "_modules"))
+
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
                 "scale": self.scale, "method": self.method, "out_dtype": str(self.out_dtype).removeprefix("torch.")}

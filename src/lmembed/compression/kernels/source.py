@@ -170,32 +170,58 @@ static inline vec8 vscaled(float s, vec8 x, vec8 acc) { return acc + s * x; }
 static inline float vsum(vec8 x) { return x; }
 #endif
 
+/* One class's rows as lm_logits reads them: the format with what every row shares worked out once
+   per call (the per-row work is small: a tc row is 8 bands, the first of 4 columns). */
+typedef struct {
+    const lm_format *f;
+    int kind, b, g, ng, n;
+    int64_t safe;     /* rows below it may load 8 bytes from any chunk start: the tensor goes on */
+    const float *hs;  /* h's sums over each group, M x ng */
+    unpacker u;
+} plan;
+
+static void make_plan(const lm_format *f, int n, const float *hs, plan *pl) {
+    pl->f = f;
+    pl->kind = (int)f->kind;
+    pl->b = (int)f->bits;
+    pl->g = (int)f->group;
+    pl->ng = (int)f->groups;
+    pl->n = n;
+    pl->hs = hs;
+    if (f->kind == F_ZERO) return;
+    int64_t after = (8 + f->row_bytes - 1) / f->row_bytes;  /* rows an 8-byte load may reach into */
+    pl->safe = f->rows > after ? f->rows - after : 0;
+    pl->u = unpacker_for(pl->b);
+}
+
 /* Sum over k0 <= k < k1 of code_k * h_k for one row's codes at b bits (as unpack): the chunks'
-   part returned (two accumulators: the FMA latency chain is the bottleneck otherwise), the
-   tail's added to *tail. */
-static inline vec8 codes_dot(const uint8_t *p, int64_t avail, const unpacker *u, int b, int k0, int k1,
+   part returned (two accumulators: the FMA latency chain is the bottleneck otherwise), the tail's
+   added to *tail. `avail` (bytes readable from p) is only looked at when the row is not `safe`. */
+static inline vec8 codes_dot(const uint8_t *p, int safe, int64_t avail, const unpacker *u, int b, int k0, int k1,
                              const float *h, float *tail) {
     vec8 v = vzero();
     int k = k0;
 #ifdef __AVX2__
     if ((k & 7) == 0) {
         int c = k >> 3, ce = k1 >> 3;
-        if ((int64_t)ce * b + 8 > avail)  /* the last row of the tensor: never load past its end */
+        if (!safe)  /* the last rows of the tensor: never load past its end */
             while (ce > c && (int64_t)(ce - 1) * b + 8 > avail) ce--;
         vec8 v1 = vzero();
-#define CODES_LOOP(LOAD)                                                                              \
-        for (; c + 2 <= ce; c += 2) {                                                                 \
-            v = _mm256_fmadd_ps(LOAD(p + c * b, u), _mm256_loadu_ps(h + 8 * c), v);                    \
-            v1 = _mm256_fmadd_ps(LOAD(p + (c + 1) * b, u), _mm256_loadu_ps(h + 8 * c + 8), v1);        \
-        }                                                                                             \
-        if (c < ce) v = _mm256_fmadd_ps(LOAD(p + c * b, u), _mm256_loadu_ps(h + 8 * c), v), c++;
-        CODES_LOOP(codes8)
-#undef CODES_LOOP
-        v = _mm256_add_ps(v, v1);
+        for (; c + 2 <= ce; c += 2) {
+            v = _mm256_fmadd_ps(codes8(p + c * b, u), _mm256_loadu_ps(h + 8 * c), v);
+            v1 = _mm256_fmadd_ps(codes8(p + (c + 1) * b, u), _mm256_loadu_ps(h + 8 * c + 8), v1);
+        }
+        if (c < ce) v = _mm256_fmadd_ps(codes8(p + c * b, u), _mm256_loadu_ps(h + 8 * c), v), c++;
         k = 8 * c;
+        if (safe && k < k1) {  /* a short tail (a tc band of 4 columns): the chunk with h's lanes past k1 at 0 */
+            __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(k1 - k), _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+            v1 = _mm256_fmadd_ps(codes8(p + c * b, u), _mm256_maskload_ps(h + k, lanes), v1);
+            k = k1;
+        }
+        v = _mm256_add_ps(v, v1);
     }
 #else
-    (void)avail, (void)u;
+    (void)safe, (void)avail, (void)u;
 #endif
     float t = 0.f;
     for (; k < k1; k++) t += (float)entry(p, k, b) * h[k];
@@ -203,23 +229,31 @@ static inline vec8 codes_dot(const uint8_t *p, int64_t avail, const unpacker *u,
     return v;
 }
 
-/* Row `slot` of format f (n columns) dotted with h[m] (h at the segment's first column, rows d apart),
-   added to va[m] (8 lanes) + sa[m]; hs holds h's sums over each group (M x groups); q is scratch for
-   2n floats. */
-static inline void fmt_dot(const lm_format *f, int64_t slot, int n, const float *h, int64_t d, int M,
-                           const float *hs, float *q, vec8 *va, float *sa) {
-    if (f->kind == F_ZERO) return;
+/* Row `slot` of a class (plan pl) dotted with h[m] (h at the segment's first column, rows d apart),
+   added to va[m] (8 lanes) + sa[m]; q is scratch for 2n floats. */
+static inline void fmt_dot(const plan *pl, int64_t slot, const float *h, int64_t d, int M, float *q, vec8 *va,
+                           float *sa) {
+    if (pl->kind == F_ZERO) return;
+    const lm_format *f = pl->f;
     const uint8_t *p = f->codes + slot * f->row_bytes;
+    int safe = slot < pl->safe, g = pl->g, ng = pl->ng, b = pl->b, n = pl->n;
     int64_t avail = (f->rows - slot) * f->row_bytes;
-    int g = (int)f->group, ng = (int)f->groups, b = (int)f->bits;
-    unpacker u = unpacker_for(b);
-    if (f->kind == F_SYM) {  /* sum_g s_g * (sum_k q_k h_k + shift * sum_k h_k) */
+    if (pl->kind == F_SYM && ng == 1) {  /* one scale per row (tc's bands, per-row int8): no group loop */
+        float sc = value_at(f->scales, f->scale_type, f->lut, slot);
+        for (int m = 0; m < M; m++) {
+            float tail = f->shift * pl->hs[m];
+            va[m] = vscaled(sc, codes_dot(p, safe, avail, &pl->u, b, 0, n, h + m * d, &tail), va[m]);
+            sa[m] += sc * tail;
+        }
+        return;
+    }
+    if (pl->kind == F_SYM) {  /* sum_g s_g * (sum_k q_k h_k + shift * sum_k h_k) */
         for (int m = 0; m < M; m++)
             for (int gi = 0, k0 = 0; gi < ng; gi++, k0 += g) {
                 int k1 = k0 + g < n ? k0 + g : n;
                 float sc = value_at(f->scales, f->scale_type, f->lut, slot * ng + gi);
-                float tail = f->shift * hs[m * ng + gi];
-                va[m] = vscaled(sc, codes_dot(p, avail, &u, b, k0, k1, h + m * d, &tail), va[m]);
+                float tail = f->shift * pl->hs[m * ng + gi];
+                va[m] = vscaled(sc, codes_dot(p, safe, avail, &pl->u, b, k0, k1, h + m * d, &tail), va[m]);
                 sa[m] += sc * tail;
             }
         return;
@@ -233,9 +267,9 @@ static inline void fmt_dot(const lm_format *f, int64_t slot, int n, const float 
         for (int gi = 0, k0 = 0; gi < ng; gi++, k0 += g) {
             int k1 = k0 + g < n ? k0 + g : n;
             float tail = 0.f;
-            va[m] = vscaled(q[gi], codes_dot(p, avail, &u, b, k0, k1, h + m * d, &tail), va[m]);
+            va[m] = vscaled(q[gi], codes_dot(p, safe, avail, &pl->u, b, k0, k1, h + m * d, &tail), va[m]);
             sa[m] += q[gi] * tail;
-            sb += q[ng + gi] * hs[m * ng + gi];
+            sb += q[ng + gi] * pl->hs[m * ng + gi];
         }
         sa[m] -= Mn * sb;
     }
@@ -325,7 +359,15 @@ int lm_logits(const lm_segment *sg, int nseg, int64_t V, int64_t d, const float 
     if (M > MAX_M || nseg > MAX_SEGMENTS) return 2;
     int64_t offs[MAX_SEGMENTS * MAX_CLASSES], nc = (V + CHUNK - 1) / CHUNK;
     float *hs = group_sums(sg, nseg, h, d, M, offs);
-    if (!hs) return 1;
+    plan *plans = aligned_alloc(32, sizeof(plan) * MAX_SEGMENTS * MAX_CLASSES);  /* unpackers hold vectors */
+    if (!hs || !plans) {
+        free(hs);
+        free(plans);
+        return 1;
+    }
+    for (int s = 0; s < nseg; s++)
+        for (int c = 0; c < MAX_CLASSES; c++)
+            make_plan(&sg[s].fmt[c], (int)sg[s].n, hs + offs[s * MAX_CLASSES + c], plans + s * MAX_CLASSES + c);
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -345,8 +387,8 @@ int lm_logits(const lm_segment *sg, int nseg, int64_t V, int64_t d, const float 
                 block_slots(sg + s, r0 / BLOCK, slots);
                 for (int64_t v = r0; v < r1; v++) {
                     int c = row_class(sg + s, v);
-                    fmt_dot(&sg[s].fmt[c], slots[c]++, (int)sg[s].n, h + sg[s].col0, d, M,
-                            hs + offs[s * MAX_CLASSES + c], q, va + (v - r0) * M, sa + (v - r0) * M);
+                    fmt_dot(plans + s * MAX_CLASSES + c, slots[c]++, h + sg[s].col0, d, M, q, va + (v - r0) * M,
+                            sa + (v - r0) * M);
                 }
             }
             for (int64_t v = r0; v < r1; v++)
@@ -357,6 +399,7 @@ int lm_logits(const lm_segment *sg, int nseg, int64_t V, int64_t d, const float 
         free(va);
     }
     free(hs);
+    free(plans);
     return failed;
 }
 
