@@ -135,6 +135,24 @@ def test_kernel_and_pytorch_paths_agree_with_the_dense_matrix(name, monkeypatch)
         torch.testing.assert_close(slow[m], h @ dense.t(), rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("make", [_kmixed, _tc, _rowrank], ids=["kmixed", "tc", "rowrank"])
+def test_many_rows_cross_the_kernels_chunks_and_threads(make, monkeypatch):
+    """2,500 rows: several 1,024-row chunks of the decoding kernel (shared by two threads), a partial
+    2,048-row decode buffer, and a range that starts and ends inside blocks."""
+    _need_kernel()
+    monkeypatch.setitem(globals(), "V", 2500)
+    module = make()
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        dense = module.dense()
+        h = torch.randn(1, module.embedding_dim, generator=_gen(8))
+        scale = dense.abs().max().item() * 8
+        torch.testing.assert_close(module.logits(h), h @ dense.t(), rtol=1e-5, atol=1e-5 * scale)
+        if not isinstance(module, RowRankEmbedding):  # (tc: rotated back by BLAS, shapes differ)
+            part = module.from_row_space(kernels.rows(module._layout(), 70, 2100))
+            torch.testing.assert_close(part, dense[70:2170], rtol=0, atol=1e-6 * scale)
+
+
 @pytest.mark.parametrize("name", ["kq4:g32", "kmixed", "tc", "rowrank", "mixed"])
 def test_batched_hidden_states_and_bf16_keep_their_shape_and_dtype(name):
     _need_kernel()
@@ -186,6 +204,27 @@ def test_a_map_naming_a_missing_class_is_refused():
     state["row_map"] = pack_bits(torch.full((1, V), 3, dtype=torch.int32), 2)  # 3 classes, 2-bit entries
     with pytest.raises(LmembedError, match="row-class map disagrees"):
         module.load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", ["mixed", "tc", "rowrank"])
+def test_tables_are_checked_again_after_an_edit_in_place(name):
+    """The C code trusts the derived tables: a stored map or rank edited in place is seen before the
+    next call (an edit that breaks the row counts is refused, never read past the codes)."""
+    from lmembed.errors import LmembedError
+
+    _need_kernel()
+    module = MODULES[name]()
+    h = torch.randn(1, module.embedding_dim)
+    with torch.no_grad():
+        module.logits(h)
+        if name == "mixed":
+            module.row_class[0] = (module.row_class[0] + 1) % 3
+        elif name == "tc":
+            module.map0[0, 0] ^= 1  # row 0's width in band 0 changes, its codes do not follow
+        else:
+            module.ranks[0] += 1
+        with pytest.raises(LmembedError, match="disagrees|do not add up"):
+            module.logits(h)
 
 
 # --- the kernel cache -------------------------------------------------------------------------------

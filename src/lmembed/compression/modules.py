@@ -100,6 +100,16 @@ class CompressedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.stored_bytes():,} bytes"
 
 
+def stored_now(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors a module and its parts hold now (its parameters and buffers)."""
+    return [t for m in module.modules() for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+
+
+def stored_key(module: nn.Module) -> tuple:
+    """Changes when a stored tensor is replaced, moved or edited in place (~1 us per tensor)."""
+    return tuple((id(t), t.data_ptr(), t._version) for t in stored_now(module))
+
+
 class PackedRows(CompressedEmbedding):
     """A module whose rows the C kernels read in place (kernels.Layout): lookups and logits go through
     them when they can serve (CPU, no gradients, a compiler), else through the PyTorch path, which
@@ -123,18 +133,18 @@ class PackedRows(CompressedEmbedding):
         """Rows of the matrix from the layout's rows (a transform's rotation applied)."""
         return rows
 
-    def _stored_now(self) -> list[torch.Tensor]:
-        return [t for m in self.modules() for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
-
     def _kernel(self, *extra: torch.Tensor) -> bool:
-        return kernels.usable(*extra, *self._stored_now())
+        return kernels.usable(*extra, *stored_now(self))
 
     def _layout(self) -> Layout:
         """layout() with its native view, kept while the stored tensors are the same objects at the same
-        addresses (the key, ~1 us per tensor; moves and loads also drop it: loads rebuild derived tables)."""
-        key = tuple((id(t), t.data_ptr()) for t in self._stored_now())
+        addresses, unchanged (stored_key); when one changed, derived tables are made (and checked) again
+        first: the C code trusts them."""
+        key = stored_key(self)
         cached = self.__dict__.get("_layout_cache")
         if cached is None or cached[0] != key:
+            if isinstance(self, IndexedEmbedding):
+                self._index()
             layout = self.layout()
             layout.native()
             cached = self.__dict__["_layout_cache"] = (key, layout)

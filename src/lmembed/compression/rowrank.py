@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import LmembedError
 from . import kernels
-from .modules import IndexedEmbedding, register_module
+from .modules import IndexedEmbedding, register_module, stored_key
 
 RANK_DTYPE = torch.int16
 RANK_BYTES = 2
@@ -83,6 +83,12 @@ class RowRankEmbedding(IndexedEmbedding):
         return self.codes[start:start + n * k].view(n, k)
 
     def rank_rows(self) -> kernels.RankRows:
+        """The kernels' view; the row places are made (and checked) again when a stored tensor changed
+        since they were: the C code trusts them."""
+        key = stored_key(self)
+        if self.__dict__.get("_index_key") != key:
+            self._index()
+            self.__dict__["_index_key"] = key
         return kernels.RankRows(self.codes.detach(), self.ranks, self._position, self._first, self._start, self.rank)
 
     def _kernel(self, *extra: torch.Tensor) -> bool:
