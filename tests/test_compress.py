@@ -296,7 +296,9 @@ def test_missing_manifest_and_overwrite_refused(saved, tmp_path):
     lmembed.compress(model, "int8")
     with pytest.raises(LmembedError, match="not empty; pass --force"):
         lmembed.save(model, saved)
-    assert copy.copy(lmembed.save(model, saved, force=True)) == saved
+    with pytest.raises(LmembedError, match="lmembed did not write"):  # no manifest: nothing says these are ours
+        lmembed.save(model, saved, force=True)
+    assert copy.copy(lmembed.save(model, tmp_path / "fresh")) == tmp_path / "fresh"
 
 
 # --- CLI and bench ------------------------------------------------------------------------------

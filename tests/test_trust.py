@@ -90,14 +90,14 @@ def test_compress_refuses_bad_methods_in_one_line(method, message, tmp_path, cap
     model = tmp_path / "m"
     build("gpt2").save_pretrained(model)
     word_tokenizer(WORDS).save_pretrained(model)
-    err = one_line_error(["compress", model, "--method", method, "--out", tmp_path / "o"], capsys)
+    err = one_line_error(["compress", model, "--method", method, "--out", tmp_path / "o", "--no-eval", "--quiet"],
+                         capsys)
     assert message in err
     assert not (tmp_path / "o").exists()
 
 
 def test_method_typos_fail_before_the_model_loads(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("lmembed.cli.compress.open_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr("lmembed.cli.compress.load_subject", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("lmembed.cli.compress.open_source", lambda *a, **k: pytest.fail("the model was loaded"))
     assert "unknown method 'int9'" in one_line_error(["compress", "smollm2", "--method", "int9", "--out",
                                                       tmp_path / "o"], capsys)
     monkeypatch.setattr("lmembed.bench.compress.load_subject", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -316,10 +316,11 @@ def test_force_keeps_a_users_files_and_replaces_lmembeds(tmp_path, tiny_corpus, 
     build("gpt2").save_pretrained(model)
     word_tokenizer(WORDS).save_pretrained(model)
     out = tmp_path / "D"
-    assert main(["compress", str(model), "--method", "int8", "--out", str(out)]) == 0
+    compress = ["compress", str(model), "--out", str(out), "--no-eval", "--quiet", "--method"]
+    assert main([*compress, "int8"]) == 0
     (out / "notes.txt").write_text("mine")
-    assert main(["compress", str(model), "--method", "int4:g16", "--out", str(out)]) == 2  # needs --force
-    assert main(["compress", str(model), "--method", "int4:g16", "--out", str(out), "--force"]) == 0
+    assert main([*compress, "int4:g16"]) == 2  # needs --force
+    assert main([*compress, "int4:g16", "--force"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "lmembed.json").read_text())["modules"][0]["spec"]["bits"] == 4
     run = tmp_path / "R"

@@ -115,6 +115,14 @@ FORMAT1_FILES = frozenset({"config.json", "generation_config.json", "model.safet
                            "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja"})
 
 
+# What an interrupted write leaves beside its output NAME: a staging folder (.NAME.lmembed-new-*),
+# a temp file (.NAME.xxxxxxxx.tmp of atomic_write_with, .NAME.tmpPID of a GGUF write), and the
+# old folder of a save killed mid-switch (.NAME.lmembed-old-*, which may hold the user's files).
+TEMP_SUFFIX = re.compile(r"lmembed-new-[a-z0-9_]{8}|[a-z0-9_]{8}\.tmp|tmp\d+")
+OLD_SUFFIX = re.compile(r"lmembed-old-[a-z0-9_]{8}")
+TEMP = re.compile(rf"\..+\.(?:{TEMP_SUFFIX.pattern})")  # any output's leftovers, inside a folder
+
+
 def real_path(path: str | Path) -> Path:
     """`path` with links and '..' resolved (it need not exist): two spellings of one folder, or a
     link and its target, are one output, one lock, one set of rules."""
@@ -149,16 +157,21 @@ def is_lmembed_output(folder: Path) -> bool:
     """Whether `folder` is one lmembed wrote: a save or an export (their records list the files),
     a run (its config.json is a run config, not a transformers one), a bench or fine-tune (its
     settings.json), an analysis. Only such a folder, or an empty one, may be replaced by --force."""
-    if owned_names(folder) is not None:
-        return True
-    config = _json_object(folder / "config.json")
-    if config is not None and {"preset", "tie"} <= config.keys() and "model_type" not in config:
+    if owned_names(folder) is not None or _is_run(folder):
         return True
     settings = _json_object(folder / "settings.json")
     if settings is not None and "model" in settings:
         return True
-    return any(_json_object(folder / name) is not None for name in ("analysis.json", "embeddings.json", "tying.json",
-                                                                   "tying-seq2seq.json"))
+    if any(_json_object(folder / name) is not None for name in ("analysis.json", "embeddings.json", "tying.json",
+                                                               "tying-seq2seq.json")):
+        return True
+    return any(_is_run(child) for child in folder.iterdir() if child.is_dir())  # a tying bench's runs
+
+
+def _is_run(folder: Path) -> bool:
+    """A run folder: its config.json is a run config, not a transformers one."""
+    config = _json_object(folder / "config.json")
+    return config is not None and {"preset", "tie"} <= config.keys() and "model_type" not in config
 
 
 def _listing(folder: Path) -> list[str]:
@@ -284,14 +297,6 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-# What an interrupted write leaves beside its output NAME: a staging folder (.NAME.lmembed-new-*),
-# a temp file (.NAME.xxxxxxxx.tmp of atomic_write_with, .NAME.tmpPID of a GGUF write), and the
-# old folder of a save killed mid-switch (.NAME.lmembed-old-*, which may hold the user's files).
-TEMP_SUFFIX = re.compile(r"lmembed-new-[a-z0-9_]{8}|[a-z0-9_]{8}\.tmp|tmp\d+")
-OLD_SUFFIX = re.compile(r"lmembed-old-[a-z0-9_]{8}")
-TEMP = re.compile(rf"\..+\.(?:{TEMP_SUFFIX.pattern})")  # any output's leftovers, inside a folder
-
-
 def publish_dir(tmp: Path, out: Path, owned: set[str]) -> None:
     """Make the complete folder `tmp` the folder `out`. An existing `out` is swapped out in one
     atomic step where the OS allows (else two renames, microseconds apart), so a reader sees the
@@ -319,7 +324,7 @@ def publish_dir(tmp: Path, out: Path, owned: set[str]) -> None:
 def _move_back(old: Path, out: Path, owned: set[str]) -> None:
     """The entries of `old` that lmembed did not write move into `out` (where free); then `old` goes."""
     for entry in sorted(old.iterdir()):
-        if entry.name not in owned and not (out / entry.name).exists():
+        if entry.name not in owned and not TEMP.fullmatch(entry.name) and not (out / entry.name).exists():
             os.replace(entry, out / entry.name)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -400,12 +405,15 @@ def clean_leftovers(out: str | Path) -> list[str]:
     done = []
     for entry in sorted(entries):
         rest = entry.name[len(out.name) + 2:]
-        if TEMP_SUFFIX.fullmatch(rest):
-            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        elif OLD_SUFFIX.fullmatch(rest) and entry.is_dir():
-            _recover(entry, out)
-        else:
-            continue
+        try:
+            if TEMP_SUFFIX.fullmatch(rest):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            elif OLD_SUFFIX.fullmatch(rest) and entry.is_dir():
+                _recover(entry, out)
+            else:
+                continue
+        except OSError:
+            continue  # not ours to remove after all (permissions): left as it is
         done.append(entry.name)
     return done
 

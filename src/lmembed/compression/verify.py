@@ -75,8 +75,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         with open(where, "rb") as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)
     except (FileNotFoundError, NotADirectoryError):
-        raise LmembedError(f"{where}: lmembed manifest not found (is {folder} a folder written by "
-                           "lmembed.save?)") from None
+        raise LmembedError(f"{where}: lmembed manifest (is {folder} a folder written by "
+                           "lmembed.save?) not found") from None
     except OSError as e:
         raise LmembedError(f"{where}: cannot read the lmembed manifest ({e.strerror or e})") from None
     return parse_manifest(data, where)
@@ -229,8 +229,8 @@ def _pin(folder: Path) -> tuple[dict[str, int], dict[str, Any]]:
     try:
         dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except (FileNotFoundError, NotADirectoryError):
-        raise LmembedError(f"{folder / MANIFEST}: lmembed manifest not found (is {folder} a folder written by "
-                           "lmembed.save?)") from None
+        raise LmembedError(f"{folder / MANIFEST}: lmembed manifest (is {folder} a folder written by "
+                           "lmembed.save?) not found") from None
     fds: dict[str, int] = {}
     try:
         manifest = parse_manifest(_read_manifest_at(folder, dir_fd, fds), folder / MANIFEST)
@@ -251,8 +251,8 @@ def _read_manifest_at(folder: Path, dir_fd: int, fds: dict[str, int]) -> bytes:
         fds[MANIFEST] = fd = os.open(MANIFEST, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         _check_moved(folder, dir_fd)
-        raise LmembedError(f"{folder / MANIFEST}: lmembed manifest not found (is {folder} a folder written by "
-                           "lmembed.save?)") from None
+        raise LmembedError(f"{folder / MANIFEST}: lmembed manifest (is {folder} a folder written by "
+                           "lmembed.save?) not found") from None
     if verify_fd(fd, folder / MANIFEST, None).st_size > MAX_MANIFEST_BYTES:
         raise LmembedError(f"{folder / MANIFEST}: over {MAX_MANIFEST_BYTES} bytes, not a manifest lmembed wrote")
     return read_fd(fd)
