@@ -13,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import transformers as tf
+from safetensors import SafetensorError
 
 import lmembed
 from lmembed.cli import main
@@ -212,13 +214,22 @@ def test_leftovers_of_a_killed_gguf_write_go_with_the_next_run_on_that_file(tmp_
     assert clean_leftovers(out) == []
 
 
-def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_old_output(model, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["compress", "export"])
+def test_a_full_disk_is_one_line_and_keeps_the_old_output(command, model, tmp_path, monkeypatch, capsys):
     out = tmp_path / "S"
-    assert main([str(a) for a in _compress(model, out)]) == 0
+    argv = _compress(model, out) if command == "compress" else ["export", tiny_save(tmp_path / "s"), "--out", out]
+    assert main([str(a) for a in argv]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setenv("LMEMBED_FAULT", "save:disk-full")
-    err = one_line_error(["compress", model, "--method", "int4:g16", "--out", out, "--force", *QUIET], capsys)
-    assert f"{out}: cannot write the save (No space left on device); the old output is unchanged" in err
+    if command == "compress":  # safetensors' own error, where lmembed writes the tensors
+        monkeypatch.setenv("LMEMBED_FAULT", "save:disk-full")
+    else:  # the same error from transformers' save_pretrained
+        def full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(tf.PreTrainedModel, "save_pretrained", full)
+    err = one_line_error([*argv, "--force"], capsys)
+    what = "save" if command == "compress" else "export"
+    assert f"{out}: cannot write the {what} (No space left on device); the old output is unchanged" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and _siblings(out) == []
 
 

@@ -353,14 +353,26 @@ def build_and_publish(out: Path, owned: set[str], build: Callable[[Path], None],
         try:
             try:
                 build(tmp)
-            except OSError as e:
-                raise LmembedError(f"{out}: cannot write the {what} ({e.strerror or e}); the old output is "
+            except Exception as e:  # noqa: BLE001 - only an OS error (as any library reports it) is caught
+                code = os_error_code(e)
+                if code is None:
+                    raise
+                raise LmembedError(f"{out}: cannot write the {what} ({os.strerror(code)}); the old output is "
                                    "unchanged") from None
             fault_point("save:staged")
             publish_dir(tmp, out, owned | {f.name for f in tmp.iterdir()})
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def os_error_code(e: BaseException) -> int | None:
+    """The errno behind an exception: an OSError's own, or the "(os error N)" that libraries such
+    as safetensors put in their messages (a full disk while they write); None for anything else."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    found = re.search(r"os error (\d+)", str(e))
+    return int(found.group(1)) if found else None
 
 
 class Terminated(KeyboardInterrupt):
