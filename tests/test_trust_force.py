@@ -46,7 +46,7 @@ def _users_folder(root: Path) -> dict[str, str]:
 
 
 def _intact(root: Path, mine: dict[str, str]) -> bool:
-    return {p.name: p.read_text() for p in root.iterdir()} == mine
+    return {p.name: p.read_text() for p in root.iterdir() if p.is_file()} == mine
 
 
 # --- 1. --force replaces only an lmembed output ------------------------------------------------------
@@ -67,6 +67,8 @@ def test_force_refuses_a_folder_lmembed_did_not_write(argv, model, tiny_corpus, 
 def test_force_refuses_the_home_folder(model, tmp_path, monkeypatch, capsys):
     home = tmp_path / "home"
     mine = _users_folder(home)
+    (home / "runs").mkdir()  # an lmembed run among the user's files does not make the folder lmembed's
+    (home / "runs" / "config.json").write_text(json.dumps(lmembed.make_config("lstm", "tiny", data="x").to_dict()))
     monkeypatch.setenv("HOME", str(home))
     assert "lmembed did not write" in one_line_error(_compress(model, "~", "--force"), capsys)
     assert _intact(home, mine)

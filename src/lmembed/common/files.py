@@ -165,7 +165,8 @@ def is_lmembed_output(folder: Path) -> bool:
     if any(_json_object(folder / name) is not None for name in ("analysis.json", "embeddings.json", "tying.json",
                                                                "tying-seq2seq.json")):
         return True
-    return any(_is_run(child) for child in folder.iterdir() if child.is_dir())  # a tying bench's runs
+    entries = [folder / name for name in _listing(folder)]
+    return bool(entries) and all(_is_run(e) for e in entries)  # a tying bench killed before its table: runs only
 
 
 def _is_run(folder: Path) -> bool:
