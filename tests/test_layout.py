@@ -161,7 +161,12 @@ def test_method_text_round_trips_through_objects(text):
     again = parse_method(str(m))
     assert again == m and str(again) == str(m)  # the printer is the parser's inverse
     assert type(m)(**m.values()) == m  # typed construction accepts exactly the parsed values
-    assert as_pipeline([m]) == [m] and as_pipeline(str(m)) == [m]
+    if "plain" in m.follows:
+        assert as_pipeline([m]) == [m] and as_pipeline(str(m)) == [m]
+    else:  # a stage that refines another (kl) cannot start a pipeline, in either form
+        for form in ([m], str(m)):
+            with pytest.raises(LmembedError, match="put it after another stage"):
+                as_pipeline(form)
 
 
 @settings(max_examples=200, deadline=None)

@@ -10,9 +10,10 @@ import torch
 
 from ..common.report import markdown_table
 from ..common.steps import Steps, human_bytes
+from ..compression.body import cast_body, state_bytes
 from ..evaluation.targets import Opened, open_model
 from ..models.pretrained import BUNDLED_MODELS, bundled_name, resolve_model
-from ..models.sizes import DTYPES, cast_body, files_bytes, source_dtype, state_bytes, weight_files
+from ..models.sizes import DTYPES, files_bytes, source_dtype, weight_files
 
 METRIC_NAMES = {"ppl": "perplexity", "pseudo_ppl": "pseudo-perplexity", "sentence_cosine": "sentence cosine"}
 

@@ -90,13 +90,13 @@ class Method:
         text = values.pop("_text", None)
         if len(args) > len(self.positional):
             raise LmembedError(f"method {self.name}: takes {len(self.positional)} positional argument(s) "
-                               f"({_usage(type(self))}), got {len(args)}")
+                               f"({usage(type(self))}), got {len(args)}")
         given = {a.name: v for a, v in zip(self.positional, args, strict=False)}
         args_by_name = {a.name: a for a in (*self.positional, *self.options)}
         for k, v in values.items():
             if k not in args_by_name or k in given:
                 raise LmembedError(f"method {self.name}: unknown or repeated argument {k!r} (usage: "
-                                   f"{_usage(type(self))})")
+                                   f"{usage(type(self))})")
             given[k] = v
         for a in (*self.positional, *self.options):
             if a.name in given and text is None and given[a.name] != a.default:  # checked as the text would be
@@ -104,7 +104,7 @@ class Method:
             setattr(self, a.name, given.get(a.name, a.default))
         missing = [a.name for a in self.positional if a.required and getattr(self, a.name) is None]
         if missing:
-            raise LmembedError(f"method {self.name}: missing {', '.join(missing)} (usage: {_usage(type(self))})")
+            raise LmembedError(f"method {self.name}: missing {', '.join(missing)} (usage: {usage(type(self))})")
         self.text = text or str(self)
         self.check_args()
 
@@ -307,7 +307,7 @@ def parse_method(text: str) -> Method:
         else:
             if not pos:
                 raise LmembedError(f"method {text.strip()!r}: unexpected argument {part!r} "
-                                   f"({name} takes {_usage(cls)})")
+                                   f"({name} takes {usage(cls)})")
             arg, raw = pos.pop(0), part
         try:
             values[arg.name] = arg.parse(raw.strip())
@@ -315,11 +315,11 @@ def parse_method(text: str) -> Method:
             raise LmembedError(f"method {text.strip()!r}: {arg.name} {raw.strip()!r} is invalid ({e})") from None
     missing = [a.name for a in pos if a.required]
     if missing:
-        raise LmembedError(f"method {text.strip()!r}: missing {', '.join(missing)} (usage: {_usage(cls)})")
+        raise LmembedError(f"method {text.strip()!r}: missing {', '.join(missing)} (usage: {usage(cls)})")
     return cls(**values, _text=text.strip())
 
 
-def _usage(cls: type[Method]) -> str:
+def usage(cls: type[Method]) -> str:
     pos = "".join(f":{a.name.upper()}" for a in cls.positional)
     opts = "".join(f"[:{a.name}=...]" for a in cls.options)
     return f"{cls.name}{pos}{opts}"
@@ -385,4 +385,4 @@ def pipeline_text(methods: Sequence[Method]) -> str:
 def describe_methods() -> str:
     """One line per method, for --help."""
     _load_builtin()
-    return "\n".join(f"  {_usage(REGISTRY[n])}: {REGISTRY[n].summary}" for n in sorted(REGISTRY))
+    return "\n".join(f"  {usage(REGISTRY[n])}: {REGISTRY[n].summary}" for n in sorted(REGISTRY))
