@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.corpus import iter_lines
 from ..errors import LmembedError
 
 GENSIM_HINT = "pip install 'lmembed[analysis]' (or gensim), or pass your own benchmark file"
@@ -94,11 +95,7 @@ def load_benchmark(spec: str | Path | Benchmark) -> Benchmark:
     if isinstance(spec, Benchmark):
         return spec
     name, path = resolve_benchmark(spec)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LmembedError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return parse_benchmark(text.splitlines(), name, str(path))
+    return parse_benchmark(list(iter_lines([path])), name, str(path))  # regular files only, bounded lines
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,7 @@ def load_analogies(spec: str | Path | Analogies) -> Analogies:
         return spec
     name, path = resolve_benchmark(spec)
     questions, section = [], ""
-    for no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for no, raw in enumerate(iter_lines([path]), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
