@@ -111,6 +111,7 @@ def test_compressed_save_fails_loudly_in_plain_transformers(tmp_path):
     res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(folder), str(tmp_path / "x"), str(tmp_path / "o")],
                          capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode != 0 and "ignore_mismatched_sizes" in res.stderr  # never a random embedding
+    assert "lmembed.import_lmembed_before_from_pretrained" in res.stderr  # the report says what to do
     assert "lmembed" in json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"]
 
 

@@ -67,6 +67,9 @@ from .verify import (
 )
 
 QUANT_METHOD = "lmembed"  # config.json quantization_config.quant_method (lmembed.compression.hf_quantizer)
+# A one-byte tensor whose name transformers prints, as an unexpected key, in the load report of a
+# process that never imported lmembed (beside the size mismatches that stop that load).
+NOTICE = "lmembed.import_lmembed_before_from_pretrained"
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -156,6 +159,7 @@ def _write_compressed(model: nn.Module, tmp: Path) -> dict[str, Any]:
     kind = "transformers" if _transformers_config(model) is not None else "lmembed"
     sentinels = sorted({f"{p}.weight" for m in modules for p in m["input_paths"] + m["head_paths"]} - set(unique))
     if kind == "transformers":
+        sentinels.append(NOTICE)  # what transformers' load report shows a process that never imported lmembed
         unique.update({k: torch.zeros(1, dtype=torch.uint8) for k in sentinels})  # one byte each
     write_tensors(unique, tmp / WEIGHTS, {"format": "pt", "lmembed": str(FORMAT)})
     manifest = {"format": FORMAT, "lmembed_version": __version__, "layout": "compressed", "model_kind": kind,
