@@ -127,8 +127,8 @@ class RowRankEmbedding(IndexedEmbedding):
         out = torch.empty(len(z), self.num_embeddings)
         buf = torch.empty(min(kernels.DECODE_ROWS, self.num_embeddings), self.rank)
         for s in range(0, self.num_embeddings, kernels.DECODE_ROWS):
-            c = kernels.rowrank_rows(rows, s, min(kernels.DECODE_ROWS, self.num_embeddings - s), out=buf)
-            out[:, s : s + len(c)] = z @ c.t()
+            kernels.into(out, s, z, kernels.rowrank_rows(rows, s, min(kernels.DECODE_ROWS, self.num_embeddings - s),
+                                                        out=buf))
         return out
 
     def _torch_logits(self, flat: torch.Tensor) -> torch.Tensor:

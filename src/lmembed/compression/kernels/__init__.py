@@ -34,7 +34,7 @@ from . import cache, source
 from .source import BLOCK, F_KQ, F_SYM, F_ZERO, MAX_CLASSES, MAX_M, MAX_SEGMENTS, S_F16, S_F32, S_LUT
 
 __all__ = ["BLOCK", "DECODE_ROWS", "KERNEL_MAX_ROWS", "Codes", "Columns", "Layout", "decode", "gather", "head",
-           "library", "packed_logits", "rotate", "rowrank_logits", "rowrank_rows", "rows", "usable"]
+           "into", "library", "packed_logits", "rotate", "rowrank_logits", "rowrank_rows", "rows", "usable"]
 
 # At most this many hidden states per call take the row-by-row kernel (decoding); more are a
 # matrix-matrix product, where rows decoded a chunk at a time feed a BLAS matmul.
@@ -244,8 +244,15 @@ def head(layout: Layout, h: torch.Tensor) -> torch.Tensor:
     buf = torch.empty(min(DECODE_ROWS, v), d)
     for s in range(0, v, DECODE_ROWS):
         w = rows(layout, s, min(DECODE_ROWS, v - s), buf)
-        out[:, s : s + len(w)] = h @ w.to(h.dtype).t()
+        into(out, s, h, w)
     return out
+
+
+def into(out: torch.Tensor, start: int, h: torch.Tensor, w: torch.Tensor) -> None:
+    """out[:, start : start + len(w)] = h @ w.T, written in place by BLAS (the slice's row stride is
+    its leading dimension): no (M x chunk) temporary per chunk, whose fresh pages cost a prompt
+    ~10 % more than the matmul where the allocator maps every large block anew."""
+    torch.mm(h, w.to(h.dtype).t(), out=out[:, start : start + len(w)])
 
 
 # --- a transform's int8 decoder (TransformCodedEmbedding) ---------------------------------------------
