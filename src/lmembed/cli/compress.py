@@ -166,6 +166,6 @@ def _run_gguf(args) -> int:
         raise LmembedError("--eval-text: not for GGUF files; evaluate NEW.gguf with `lmembed bench compress`")
     from ..export import compress_gguf
 
-    compress_gguf(args.model, args.method, args.out, gguf_type=args.gguf_type, calib=args.calib,
-                  calib_tokens=args.calib_tokens, seed=args.seed, force=args.force)
+    compress_gguf(args.model, args.method, args.out, gguf_type=args.gguf_type, bits=args.bits, calib=args.calib,
+                  calibrate=not args.no_calib, calib_tokens=args.calib_tokens, seed=args.seed, force=args.force)
     return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..errors import LmembedError
 from ..export.hf import EXPORT_DTYPES, export_hf
 
 FORMATS = ("hf",)
@@ -23,7 +26,23 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    _check_folder(args.folder)
     rep = export_hf(args.folder, args.out, dtype=args.dtype, force=args.force)
     print(f"wrote {rep['out']} ({rep['bytes']:,} bytes, {rep['dtype']}): load it with "
           f"transformers' from_pretrained; lmembed is not needed")
     return 0
+
+
+def _check_folder(folder: str) -> None:
+    """A file given where a save folder is expected: say what it is and what to run instead."""
+    p = Path(folder).expanduser()
+    if not p.is_file():
+        return
+    with open(p, "rb") as f:
+        gguf = f.read(4) == b"GGUF"
+    if gguf:
+        raise LmembedError(f"{folder}: a GGUF file, not an lmembed save; llama.cpp runs it as it is, `lmembed compress "
+                           f"{folder} --bits B --out NEW.gguf` writes a copy with compressed token embeddings, and "
+                           "transformers makes a plain folder of it: AutoModelForCausalLM.from_pretrained(its folder, "
+                           "gguf_file=its name).save_pretrained(OUT)")
+    raise LmembedError(f"{folder}: a file, not a folder written by lmembed.save or `lmembed compress`")

@@ -5,7 +5,8 @@
     export_hf("out/model-int4", "out/model-plain")                 # a transformers folder, dense
 """
 
-from .blocks import BLOCK_TYPES, BlockType, encode_matrix, types_for_row
+from .block_fit import encode_matrix
+from .blocks import BLOCK_TYPES, BlockType, types_for_row
 from .gguf import compress_gguf, encode_module
 from .gguf_file import read_token_embd
 from .hf import export_hf

@@ -1,10 +1,12 @@
 """llama.cpp's block types: a row of values cut into blocks of 32 (or 256) values, each holding
-small integers and one or two fp16 numbers; lmembed's encoders for them (the gguf package
-quantises the 32-value types, the K-quant writers here are lmembed's own) and decoders."""
+small integer codes and one or two fp16 numbers (K-quants: an fp16 scale per 256 values and small
+integer scales per sub-block of 16 or 32). This module knows each type's layout: how codes and
+parameters decode (`Coded.values`, what llama.cpp computes) and how they are packed into the
+bytes a GGUF file stores (`pack`). Fitting codes is block_fit's (plain) and calibrated_blocks'
+(against the model's sensitivity)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +23,10 @@ class BlockType:
     """One llama.cpp tensor type: `block` values stored in `nbytes` bytes.
 
     `bits` > 0 for the 32-value integer types: a value is d * (q - 2**(bits-1)) (symmetric; Q8_0
-    stores q - 128 as int8), or with `affine` d * q + m, q in [0, 2**bits)."""
+    stores q - 128 as int8), or with `affine` d * q + m, q in [0, 2**bits). K-quants (`kbits` > 0)
+    cut a 256-value block into sub-blocks of `sub` values, each with an integer sub-scale of
+    `sub_bits` bits (signed for the symmetric ones) times the block's fp16 d; affine K-quants add
+    an unsigned sub-min times an fp16 dmin: x = d*sc*q - dmin*mn, symmetric x = d*sc*(q - zero)."""
 
     name: str
     ggml: int  # the type's number in the file
@@ -29,6 +34,9 @@ class BlockType:
     nbytes: int
     bits: int = 0
     affine: bool = False
+    kbits: int = 0
+    sub: int = 32
+    sub_bits: int = 0
 
     @property
     def bits_per_value(self) -> float:
@@ -36,6 +44,30 @@ class BlockType:
 
     def row_bytes(self, n: int) -> int:
         return n // self.block * self.nbytes
+
+    @property
+    def integer(self) -> bool:
+        """Whether values are integer codes (every type but F32 / F16 / BF16)."""
+        return bool(self.bits or self.kbits)
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """(lowest, highest) stored code; Q8_0 stores signed codes."""
+        b = self.bits or self.kbits
+        return (-128, 127) if self.name == "Q8_0" else (0, (1 << b) - 1)
+
+    @property
+    def zero(self) -> int:
+        """The stored code of value 0 in a symmetric type (0 for affine types and Q8_0)."""
+        b = self.bits or self.kbits
+        return 0 if self.affine or self.name == "Q8_0" else 1 << (b - 1)
+
+    @property
+    def sub_range(self) -> tuple[int, int]:
+        """K-quants: (lowest, highest) integer sub-scale."""
+        if self.affine:
+            return 0, (1 << self.sub_bits) - 1
+        return -(1 << (self.sub_bits - 1)), (1 << (self.sub_bits - 1)) - 1
 
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
@@ -47,9 +79,11 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q5_0", 6, 32, 22, bits=5),
     BlockType("Q4_1", 3, 32, 20, bits=4, affine=True),
     BlockType("Q4_0", 2, 32, 18, bits=4),
-    BlockType("Q6_K", 14, 256, 210),
-    BlockType("Q5_K", 13, 256, 176),
-    BlockType("Q4_K", 12, 256, 144),
+    BlockType("Q6_K", 14, 256, 210, kbits=6, sub=16, sub_bits=8),
+    BlockType("Q5_K", 13, 256, 176, kbits=5, affine=True, sub=32, sub_bits=6),
+    BlockType("Q4_K", 12, 256, 144, kbits=4, affine=True, sub=32, sub_bits=6),
+    BlockType("Q3_K", 11, 256, 110, kbits=3, sub=16, sub_bits=6),
+    BlockType("Q2_K", 10, 256, 84, kbits=2, affine=True, sub=16, sub_bits=4),
 )}
 TYPE_BY_NUMBER = {t.ggml: t for t in BLOCK_TYPES.values()}
 
@@ -79,7 +113,50 @@ def _gguf():
 
 
 # ---------------------------------------------------------------------------------------------
-# Packing blocks: d (fp16), [m (fp16)], [high bits], low bits, per 32-value block
+# Codes and parameters of a matrix in one integer block type
+
+
+@dataclass
+class Coded:
+    """Rows of a matrix in integer block type `t`, before packing (torch tensors, rows first):
+    `q` the stored codes (rows x n); `d` the fp16 scale of each block (rows x n/block, as float32);
+    `m` the fp16 min (Q4_1 / Q5_1) or dmin (affine K-quants) per block; `sc` / `mn` the integer
+    sub-scales / sub-mins of the K-quants (rows x n/sub)."""
+
+    t: BlockType
+    q: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    mn: torch.Tensor | None = None
+
+    def scale_offset(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sub-block (rows x n/sub): the step A and offset B of its values, x = A*q + B."""
+        t = self.t
+        if not t.kbits:
+            return self.d, (self.m if t.affine else -t.zero * self.d)
+        per = t.block // t.sub
+        a = self.d.repeat_interleave(per, 1) * self.sc.float()
+        if t.affine:
+            return a, -self.m.repeat_interleave(per, 1) * self.mn.float()
+        return a, -t.zero * a
+
+    def values(self) -> torch.Tensor:
+        """The decoded rows (float32), as llama.cpp computes them."""
+        a, b = (p.repeat_interleave(self.t.sub, 1) for p in self.scale_offset())
+        if self.t.affine:
+            return a * self.q.float() + b
+        return a * (self.q.float() - self.t.zero)
+
+
+def fp16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest fp16 value, as float32 (clamped to fp16's finite range)."""
+    top = float(torch.finfo(torch.float16).max)
+    return x.float().clamp(-top, top).half().float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: the bytes of each block type (the layouts of ggml's block_* structs)
 
 
 def _fp16_bytes(x: np.ndarray) -> np.ndarray:
@@ -108,47 +185,10 @@ def pack_blocks(t: BlockType, d: np.ndarray, q: np.ndarray, m: np.ndarray | None
     return out.reshape(rows, nb * t.nbytes)
 
 
-# ---------------------------------------------------------------------------------------------
-# K-quants: super-blocks of 256 values (own writers; rows must hold a multiple of 256 values)
-
-
-def _fit_affine(x: np.ndarray, top: int, iters: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """x (n x k) ~ a*q - b, q in [0, top], a >= 0, b >= 0: per row, start from the min/max range,
-    then alternate rounding and a least-squares refit of (a, b); the best seen is kept."""
-    lo, hi = np.minimum(x.min(1), 0), np.maximum(x.max(1), 0)
-    a, b = (hi - lo) / top, -lo
-    best_a, best_b, best_e = a.copy(), b.copy(), np.full(len(x), np.inf, dtype=np.float32)
-    for _ in range(iters):
-        safe = np.where(a > 0, a, 1)
-        q = np.clip(np.rint((x + b[:, None]) / safe[:, None]), 0, top)
-        q = np.where(a[:, None] > 0, q, 0)
-        err = ((a[:, None] * q - b[:, None] - x) ** 2).sum(1)
-        better = err < best_e
-        best_a, best_b, best_e = np.where(better, a, best_a), np.where(better, b, best_b), np.where(better, err, best_e)
-        qm, xm = q.mean(1), x.mean(1)
-        var = ((q - qm[:, None]) ** 2).sum(1)
-        cov = ((q - qm[:, None]) * (x - xm[:, None])).sum(1)
-        a_ls = np.where(var > 0, cov / np.where(var > 0, var, 1), a)
-        b_ls = a_ls * qm - xm
-        neg = b_ls < 0  # the offset must not be positive: refit the scale alone through zero
-        qq = (q * q).sum(1)
-        a = np.maximum(np.where(neg, (q * x).sum(1) / np.where(qq > 0, qq, 1), a_ls), 0)
-        b = np.where(neg, 0, b_ls)
-    return best_a.astype(np.float32), best_b.astype(np.float32)
-
-
-def _six_bit(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per super-block (rows of v, >= 0): fp16 step and 6-bit multiples of it."""
-    step = (v.max(1) / 63).astype(np.float16)
-    s = step.astype(np.float32)
-    k = np.clip(np.rint(v / np.where(s > 0, s, 1)[:, None]), 0, 63).astype(np.uint8)
-    return step, k
-
-
 def _pack_six_bit(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
-    """8 six-bit scales and mins -> 12 bytes: the low 6 bits of the first four of each in bytes
-    0-3 and 4-7, the last four split into low nibbles (bytes 8-11) and their top 2 bits (bits 6-7
-    of bytes 0-7)."""
+    """Q4_K / Q5_K: 8 six-bit scales and mins -> 12 bytes: the low 6 bits of the first four of each
+    in bytes 0-3 and 4-7, the last four split into low nibbles (bytes 8-11) and their top 2 bits
+    (bits 6-7 of bytes 0-7)."""
     out = np.empty((len(sc), 12), dtype=np.uint8)
     out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
     out[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
@@ -156,84 +196,64 @@ def _pack_six_bit(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return out
 
 
-def _quantize_qk_affine(x: np.ndarray, bits: int) -> np.ndarray:
-    """Q4_K / Q5_K: 8 sub-blocks of 32 values, x = d*sc*q - dmin*mn, sc and mn 6-bit."""
-    top = (1 << bits) - 1
-    xb = x.reshape(-1, 256)
-    nb = len(xb)
-    a, b = _fit_affine(xb.reshape(-1, 32), top)
-    d, sc = _six_bit(a.reshape(nb, 8))
-    dmin, mn = _six_bit(b.reshape(nb, 8))
-    scale = d.astype(np.float32)[:, None] * sc
-    offset = dmin.astype(np.float32)[:, None] * mn
-    q = np.rint((xb.reshape(nb, 8, 32) + offset[..., None]) / np.where(scale > 0, scale, 1)[..., None])
-    q = np.where(scale[..., None] > 0, np.clip(q, 0, top), 0).astype(np.uint8).reshape(nb, 4, 2, 32)
-    low = q & 15
-    parts = [_fp16_bytes(d[:, None])[:, 0], _fp16_bytes(dmin[:, None])[:, 0], _pack_six_bit(sc, mn)]
-    if bits == 5:  # bit 4 of value 32k + j is bit k of byte j
-        high = ((q >> 4) & 1).reshape(nb, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]
-        parts.append(high.sum(1, dtype=np.uint8))
-    parts.append((low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128))  # 64 values per 32 bytes
-    return np.concatenate(parts, axis=1).reshape(x.shape[0], -1)
+def _pack_q3_scales(s: np.ndarray) -> np.ndarray:
+    """Q3_K: 16 six-bit scales (stored + 32) -> 12 bytes: low nibbles of scales i and i + 8 in byte
+    i (0-7); the top 2 bits of scale 4j + k in bits 2j of byte 8 + k."""
+    out = np.empty((len(s), 12), dtype=np.uint8)
+    out[:, :8] = (s[:, :8] & 15) | ((s[:, 8:] & 15) << 4)
+    high = (s >> 4).reshape(-1, 4, 4)  # [j, k] = scale 4j + k
+    out[:, 8:] = high[:, 0] | (high[:, 1] << 2) | (high[:, 2] << 4) | (high[:, 3] << 6)
+    return out
 
 
-def _round_symmetric(g: np.ndarray, s: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-    """q = round(g / s) in [lo, hi] per row (0 where s = 0), and each row's squared error."""
-    q = np.where(s[:, None] != 0, np.clip(np.rint(g / np.where(s != 0, s, 1)[:, None]), lo, hi), 0)
-    return q, ((s[:, None] * q - g) ** 2).sum(1)
+def _two_bit_planes(q: np.ndarray) -> np.ndarray:
+    """256 two-bit values -> 64 bytes: value 128h + 32s + j in bits 2s of byte 32h + j (Q2_K, Q3_K)."""
+    q = q.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
 
 
-def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
-    """Q6_K: 16 sub-blocks of 16 values, x = d*sc*(q - 32), sc int8, q 6-bit."""
-    xb = x.reshape(-1, 256)
-    nb = len(xb)
-    g = xb.reshape(-1, 16)
-    peak = np.take_along_axis(g, np.abs(g).argmax(1)[:, None], 1)[:, 0]  # signed: it takes level -32
-    best_s, best_e = -peak / 32, np.full(len(g), np.inf, dtype=np.float32)
-    for div in (32, 31.5, 31, 30.5, 30, 29, 28):  # a few scales at and above the peak's, each refit
-        s = -peak / div
-        q, err = _round_symmetric(g, s, -32, 31)
-        qq = (q * q).sum(1)
-        s_ls = np.where(qq > 0, (q * g).sum(1) / np.where(qq > 0, qq, 1), s)  # least squares for these q
-        for cand, e in ((s, err), (s_ls, _round_symmetric(g, s_ls, -32, 31)[1])):
-            better = e < best_e
-            best_s, best_e = np.where(better, cand, best_s), np.where(better, e, best_e)
-    s = best_s.reshape(nb, 16)
-    d = (np.abs(s).max(1) / 127).astype(np.float16)
-    df = d.astype(np.float32)
-    sc = np.clip(np.rint(s / np.where(df > 0, df, 1)[:, None]), -128, 127).astype(np.int8)
-    eff = df[:, None] * sc
-    q = np.rint(xb.reshape(nb, 16, 16) / np.where(eff != 0, eff, 1)[..., None])
-    q = (np.where(eff[..., None] != 0, np.clip(q, -32, 31), 0) + 32).astype(np.uint8).reshape(nb, 256)
-    low, high = q & 15, q >> 4
-    low = low.reshape(nb, 2, 2, 64)  # value 128h + 64n + j: nibble n of ql[64h + j]
-    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128)
-    high = high.reshape(nb, 2, 4, 32)  # value 128h + 32s + j: bits 2s, 2s+1 of qh[32h + j]
-    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(nb, 64)
-    out = np.concatenate([ql, qh, sc.view(np.uint8), _fp16_bytes(d[:, None])[:, 0]], axis=1)
-    return out.reshape(x.shape[0], -1)
+def _pack_k(c: Coded) -> np.ndarray:
+    """K-quant super-blocks (one per 256 values) in ggml's byte order."""
+    t, rows = c.t, c.q.shape[0]
+    q = c.q.numpy().astype(np.uint8).reshape(-1, 256)
+    d = _fp16_bytes(c.d.numpy().reshape(-1, 1))[:, 0]
+    subs = 256 // t.sub
+    sc = c.sc.numpy().astype(np.int64).reshape(-1, subs)
+    if t.name == "Q2_K":
+        mn = c.mn.numpy().astype(np.uint8).reshape(-1, subs)
+        parts = [sc.astype(np.uint8) | (mn << 4), _two_bit_planes(q), d, _fp16_bytes(c.m.numpy().reshape(-1, 1))[:, 0]]
+    elif t.name == "Q3_K":
+        high = ((q >> 2) & 1).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]  # bit k of byte j: 32k + j
+        parts = [high.sum(1, dtype=np.uint8), _two_bit_planes(q & 3), _pack_q3_scales((sc + 32).astype(np.uint8)), d]
+    elif t.name == "Q6_K":
+        low = (q & 15).reshape(-1, 2, 2, 64)  # value 128h + 64n + j: nibble n of ql[64h + j]
+        ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+        high = (q >> 4).reshape(-1, 2, 4, 32)  # value 128h + 32s + j: bits 2s of qh[32h + j]
+        qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(-1, 64)
+        parts = [ql, qh, sc.astype(np.int8).view(np.uint8), d]
+    else:  # Q4_K, Q5_K
+        mn = c.mn.numpy().astype(np.uint8).reshape(-1, subs)
+        parts = [d, _fp16_bytes(c.m.numpy().reshape(-1, 1))[:, 0], _pack_six_bit(sc.astype(np.uint8), mn)]
+        if t.kbits == 5:  # bit 4 of value 32k + j is bit k of byte j
+            high = ((q >> 4) & 1).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None]
+            parts.append(high.sum(1, dtype=np.uint8))
+        low = (q & 15).reshape(-1, 4, 2, 32)
+        parts.append((low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128))  # 64 values per 32 bytes
+    out = np.concatenate(parts, axis=1)
+    assert out.shape[1] == t.nbytes, (t.name, out.shape)
+    return out.reshape(rows, -1)
 
 
-K_QUANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "Q4_K": lambda x: _quantize_qk_affine(x, 4), "Q5_K": lambda x: _quantize_qk_affine(x, 5), "Q6_K": _quantize_q6_k,
-}
-
-
-def encode_matrix(x: np.ndarray | torch.Tensor, type_name: str) -> np.ndarray:
-    """A plain rows x n float matrix in block type `type_name` -> uint8 rows x bytes (the tensor's
-    data as a GGUF file stores it)."""
-    x = np.ascontiguousarray(x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x, np.float32)
-    t = check_type(type_name, x.shape[1], "matrix")
-    if t.name == "F32":
-        data = x
-    elif t.name == "F16":
-        data = x.astype("<f2")
-    elif t.name in K_QUANTS:
-        data = K_QUANTS[t.name](x)
-    else:  # BF16 and the 32-value types: the reference rounding of the gguf package
-        gguf = _gguf()
-        data = gguf.quants.quantize(x, gguf.GGMLQuantizationType(t.ggml))
-    return np.ascontiguousarray(data).view(np.uint8).reshape(x.shape[0], t.row_bytes(x.shape[1]))
+def pack(c: Coded) -> np.ndarray:
+    """The stored bytes of coded rows: uint8 rows x row_bytes."""
+    t = c.t
+    lo, hi = t.code_range
+    if int(c.q.min()) < lo or int(c.q.max()) > hi:
+        raise ValueError(f"{t.name}: codes outside {lo}..{hi}")
+    if t.kbits:
+        return _pack_k(c)
+    m = c.m.numpy().astype(np.float16) if t.affine else None
+    return pack_blocks(t, c.d.numpy().astype(np.float16), c.q.numpy(), m)
 
 
 def decode_matrix(data: np.ndarray, type_name: str, n: int) -> np.ndarray:
@@ -242,5 +262,3 @@ def decode_matrix(data: np.ndarray, type_name: str, n: int) -> np.ndarray:
     data = np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], BLOCK_TYPES[type_name].row_bytes(n))
     return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType(BLOCK_TYPES[type_name].ggml)),
                       dtype=np.float32).reshape(data.shape[0], n)
-
-

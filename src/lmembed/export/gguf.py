@@ -1,30 +1,33 @@
 """Compressed token embeddings in GGUF files, the format llama.cpp and its runtimes load.
 
-``compress_gguf(src, method, dst)`` compresses the token embeddings of a GGUF model with an
-lmembed method and writes a new GGUF file in which only the embedding matrices (and, after a
+Two ways in, both writing a new GGUF file in which only the embedding matrices (and, after a
 ``trim`` stage, the tokenizer metadata) differ: every other tensor and metadata entry is copied
 byte for byte.
 
-A GGUF tensor has one *block type*: a row of ``ne0`` values is cut into blocks of 32 (or 256)
-values, each block holding small integers and one or two fp16 numbers. lmembed's integer codes
-map onto some of them exactly, so the codes lmembed chose (RTN, GPTQ, after a trim) are carried
-bit for bit:
+- ``compress_gguf(src, None, dst, bits=B)`` (``--bits B``): the block type within B bits per
+  value of lowest calibrated cost, with calibrated rounding (calibrated_blocks: codes and fp16
+  scales chosen for the model's sensitivity, default calibration sampled from the model itself);
+  ``gguf_type=T`` without a method rounds into T the same way.
+- ``compress_gguf(src, method, dst)``: an lmembed method, whose codes are carried bit for bit
+  where a block type holds them:
 
     lmembed matrix                               block type   values read back
     int8 codes, int grid, groups of 32k / row    Q8_0         exact (the group's scale repeated per block)
     int4 codes, int grid, groups of 32k          Q4_0         exact (levels -7..7 within Q4_0's -8..7)
     int4 codes, half grid, groups of 32k         Q4_1         d*q + m, m = -7.5 d rounded to fp16 (|err| <= 2^-11 |m|)
                                                  Q5_0, Q5_1   exact (the levels doubled, d halved)
+    kq4:g32 / kq5:g32, rows of 256k values       Q4_K / Q5_K  exact (the row's super-scale in every 256-block)
     a plain matrix (a trim alone)                any type     F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, and
-                                                              Q4_K/Q5_K/Q6_K for rows of 256k values
+                                                              Q2_K..Q6_K for rows of 256k values
 
-Factorisations (svd, ae, wsvd, wae), groupreduce, half-grid int8 and groups that are not
-multiples of 32 have no block type. int3/int2 codes fit Q4_0 exactly but take its 4.5 bits per
-value, and a mixed-precision matrix needs one type for all its widths (int4 + int8: Q8_0), so
-those are written only when `gguf_type` names the type.
+Factorisations (svd, ae, wsvd, wae), tc, kmixed, per-row ranks, groupreduce, half-grid int8 and
+groups that are not multiples of 32 have no block type (the error points to ``--bits``). int3/int2
+codes fit Q4_0 exactly but take its 4.5 bits per value, and a mixed-precision matrix needs one
+type for all its widths (int4 + int8: Q8_0), so those are written only when `gguf_type` names
+the type.
 
-Only the token matrices are decoded: unless a method reads the model's activations (a
-calibrated one, or ``calib=``), the rest of the model is never loaded.
+Only the token matrices are decoded: unless calibration runs the model (a calibrated method,
+``calib=``, ``bits=``), the rest of the model is never loaded.
 """
 
 from __future__ import annotations
@@ -44,13 +47,25 @@ from torch import nn
 from ..compression.api import MethodSpec, check_method, compress
 from ..compression.calibrated import GPTQ
 from ..compression.kl import KLFinetune
+from ..compression.kmixed import KMixed
 from ..compression.mixed import Mixed, MixedQuantizedEmbedding
 from ..compression.modules import CompressedEmbedding, CompressedHead, DenseEmbedding, QuantizedEmbedding, unpack_bits
 from ..compression.quantize import RTN
 from ..compression.registry import pipeline_text
+from ..compression.superblock import SUB_BITS, SuperBlockEmbedding, SuperBlockQuant
 from ..compression.trim import TrimmedEmbedding
 from ..errors import LmembedError
-from .blocks import BLOCK_TYPES, BlockType, _gguf, check_type, encode_matrix, pack_blocks, types_for_row
+from .block_fit import encode_matrix
+from .blocks import BLOCK_TYPES, BlockType, Coded, _gguf, check_type, pack, pack_blocks, types_for_row
+from .calibrated_blocks import (
+    SAMPLE_ROWS,
+    budget_types,
+    calibrated_rows,
+    choose_type,
+    damped,
+    plain_costs,
+    weighted_cost,
+)
 from .gguf_file import ARRAY, EMBD, INTEGER_TYPES, OUTPUT, STRING, GGUFFile, OutTensor, kv_bytes, write_gguf
 
 # ---------------------------------------------------------------------------------------------
@@ -189,12 +204,46 @@ def resolve_type(module: CompressedEmbedding, method: str, gguf_type: str | None
         if gguf_type is None or gguf_type == source_type:
             return source_type, "copied"  # rows gathered as stored: works for any type the source has
         return check_type(gguf_type, n, what).name, "requantised"
+    if isinstance(inner, SuperBlockEmbedding):
+        kind = superblock_type(inner.bits, inner.group_size, n, method, what)
+        if gguf_type is not None and gguf_type != kind:
+            raise LmembedError(f"gguf_type {gguf_type}: the super-blocks of method {method!r} fit {kind} (exact); "
+                               + BITS_NOTE)
+        return kind, "exact"
     parts = _code_parts(inner)
     if parts is None:
         raise LmembedError(f"method {method!r} stores {what} as a {inner.kind} matrix, which no GGUF block type "
-                           "holds; GGUF holds int8/int4 codes in groups of 32k columns (Q8_0, Q4_0, Q4_1) and "
-                           + PLAIN_NOTE.format(types=plain_types(n)))
+                           "holds; " + BITS_NOTE)
     return resolve_codes(parts, n, method, gguf_type, what)
+
+
+BITS_NOTE = ("for a .gguf output use --bits B (bits=B), which picks the block type of lowest calibrated cost within "
+             "B bits per value and rounds into it for the model, or --gguf-type T without --method")
+
+
+def superblock_type(bits: int, group: int, n: int, method: str, what: str = "token_embd") -> str:
+    """The K-quant that holds kq codes exactly (kq4:g32 -> Q4_K, kq5:g32 -> Q5_K, rows of 256k
+    values), or a one-line error."""
+    kind = {4: "Q4_K", 5: "Q5_K"}.get(bits)
+    if kind is None or group != 32:
+        raise LmembedError(f"method {method!r}: only kq4:g32 and kq5:g32 super-blocks are GGUF block types (Q4_K, "
+                           "Q5_K); " + BITS_NOTE)
+    if n % 256:
+        raise LmembedError(f"method {method!r}: {kind} blocks hold 256 values and {what} rows have {n}; "
+                           + BITS_NOTE)
+    return kind
+
+
+def superblock_blocks(module: SuperBlockEmbedding, kind: str) -> np.ndarray:
+    """kq codes as K-quant blocks: the row's fp16 super-scale and super-min in every 256-value
+    block, the 6-bit sub-scales and sub-mins and the codes as they are."""
+    v, n, g = module.num_embeddings, module.embedding_dim, module.groups
+    q = unpack_bits(module.codes.cpu(), module.bits, n).to(torch.int16)
+    sub = unpack_bits(module.subs.cpu(), SUB_BITS, 2 * g).to(torch.int16)
+    sup = module.supers.cpu().float()
+    blocks = n // 256
+    return pack(Coded(BLOCK_TYPES[kind], q, sup[:, :1].expand(v, blocks).contiguous(),
+                      sup[:, 1:].expand(v, blocks).contiguous(), sub[:, :g], sub[:, g:]))
 
 
 def encode_module(module: CompressedEmbedding, type_name: str, source: np.ndarray | None = None) -> np.ndarray:
@@ -207,6 +256,8 @@ def encode_module(module: CompressedEmbedding, type_name: str, source: np.ndarra
         if source is not None:
             return np.ascontiguousarray(source[kept] if kept is not None else source)
         return encode_matrix(inner.dense(), type_name)
+    if isinstance(inner, SuperBlockEmbedding):
+        return superblock_blocks(inner, type_name)
     parts, t = _code_parts(inner), BLOCK_TYPES.get(type_name)
     if parts is None or t is None:
         raise LmembedError(f"a {inner.kind} matrix has no GGUF block type {type_name}")
@@ -233,10 +284,14 @@ def method_precheck(method: MethodSpec, vocab: int, n: int, gguf_type: str | Non
     if not rest:
         return stages
     first = rest[0]
-    if len(rest) > 1 or not isinstance(first, (RTN, GPTQ, Mixed)):
-        raise LmembedError(f"method {text!r} stores token_embd in a form no GGUF block type holds; GGUF holds "
-                           "int8/int4 codes in groups of 32k columns (Q8_0, Q4_0, Q4_1) and "
-                           + PLAIN_NOTE.format(types=plain_types(n)))
+    if len(rest) == 1 and isinstance(first, SuperBlockQuant):
+        kind = superblock_type(first.bits, first.group, n, text)
+        if gguf_type is not None and gguf_type != kind:
+            raise LmembedError(f"gguf_type {gguf_type}: the super-blocks of method {text!r} fit {kind} (exact); "
+                               + BITS_NOTE)
+        return stages
+    if len(rest) > 1 or not isinstance(first, (RTN, GPTQ, Mixed)) or isinstance(first, KMixed):
+        raise LmembedError(f"method {text!r} stores token_embd in a form no GGUF block type holds; " + BITS_NOTE)
     group = first.group or n
     widths = first.choices if isinstance(first, Mixed) else (first.bits,)
     parts = [SimpleNamespace(bits=b, grid=first.grid, group_size=group) for b in widths]
@@ -366,18 +421,22 @@ def _check_trimmable(f: GGUFFile, vocab: int) -> None:
         raise LmembedError(f"src {f.path}: no tokenizer.ggml.tokens in its metadata, so a trim cannot be written")
 
 
-def compress_gguf(src: str | os.PathLike, method: MethodSpec, dst: str | os.PathLike, *, gguf_type: str | None = None,
-                  calib: Any = None, calib_tokens: int | None = None, seed: int = 0, force: bool = False,
+def compress_gguf(src: str | os.PathLike, method: MethodSpec | None, dst: str | os.PathLike, *,
+                  gguf_type: str | None = None, bits: float | None = None, calib: Any = None,
+                  calibrate: bool = True, calib_tokens: int | None = None, seed: int = 0, force: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Compress the token embeddings of the GGUF model `src` with `method` and write `dst`.
+    """Compress the token embeddings of the GGUF model `src` and write `dst`.
 
-    int8 / int4 codes become Q8_0 / Q4_0 / Q4_1 blocks (see the module docstring), carried bit for
-    bit; a plain matrix (a trim alone) keeps the source's block type or takes `gguf_type`, which
-    may also pick another type that holds the codes (int3 codes in Q4_0, ...). A first
-    ``trim:CORPUS`` stage also rewrites the tokenizer metadata. Every other tensor and metadata
-    entry is copied byte for byte. `calib` / `calib_tokens` feed calibrated methods (the model is
-    then loaded by transformers and run). Everything is checked before anything is written; `dst`
-    is written to a temporary file in its folder that replaces it at the end. Returns a report.
+    With `bits` (and no method): the block type within `bits` per value of lowest calibrated cost,
+    with calibrated rounding (see the module docstring); `gguf_type` (with `bits` or alone, without
+    a method): calibrated rounding into that type; `calibrate=False`: no model run, plain squared
+    error instead. With a `method`: int8 / int4 codes become Q8_0 / Q4_0 / Q4_1 blocks, carried bit
+    for bit; a plain matrix (a trim alone) keeps the source's block type or takes
+    `gguf_type`, which may also pick another type that holds the codes (int3 codes in Q4_0, ...).
+    A first ``trim:CORPUS`` stage also rewrites the tokenizer metadata. Every other tensor and
+    metadata entry is copied byte for byte. `calib` / `calib_tokens` feed calibration (the model
+    is then loaded by transformers and run). Everything is checked before anything is written;
+    `dst` is written to a temporary file in its folder that replaces it at the end. Returns a report.
     """
     t0 = time.perf_counter()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
@@ -385,6 +444,9 @@ def compress_gguf(src: str | os.PathLike, method: MethodSpec, dst: str | os.Path
     d, vocab = f.matrix(EMBD).shape
     f.matrix(OUTPUT, required=False)  # an untied head is checked too, before any work
     _check_dst(src, dst, force)
+    if method is None or bits is not None:
+        return _calibrated_gguf(f, dst, method, gguf_type, bits, dict(
+            calib=calib, calibrate=calibrate, calib_tokens=calib_tokens, seed=seed, log=log), t0)
     stages = method_precheck(method, vocab, d, gguf_type)
     text = pipeline_text(stages)
     trims = stages[0].vocabulary
@@ -401,27 +463,145 @@ def compress_gguf(src: str | os.PathLike, method: MethodSpec, dst: str | os.Path
         log(f"{tensor.name}: {row['type_before']} {row['shape_before']} -> {row['type_after']} {row['shape_after']} "
             f"({row['how']}; max |error| against lmembed's matrix {row['max_abs_error']:.3g})")
     kv_new = trimmed_metadata(f, _unwrap(matrices[0][1])[1], log) if trims else {}
+    _write(f, dst, new, kv_new)
+    result = {"method": text, "exact": all(r["exact"] for r in rows), **_summary(f, dst, rows, t0),
+              "max_abs_error": max(r["max_abs_error"] for r in rows), "compress": report}
+    log(f"wrote {dst} ({result['file_bytes_after']:,} bytes; embedding matrices {result['bytes_before']:,} -> "
+        f"{result['bytes_after']:,} bytes, x{result['ratio']:.2f})")
+    return result
+
+
+def _write(f: GGUFFile, dst: Path, new: dict[str, OutTensor], kv_new: dict[str, bytes | None]) -> None:
+    """The source file with the `new` tensors and metadata entries (None: dropped), through a
+    temporary file in dst's folder that replaces dst."""
     kv = [kv_new[k] if k in kv_new else f.raw(k) for k in f.entries if kv_new.get(k, b"") is not None]
     tensors = [new.get(t.name) or OutTensor(t.name, t.shape, t.ggml, f.stored(t)) for t in f.tensors]
-
     tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     try:
         write_gguf(tmp, f.version, f.alignment, kv, tensors)
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _summary(f: GGUFFile, dst: Path, rows: list[dict[str, Any]], t0: float) -> dict[str, Any]:
     before, after = sum(r["bytes_before"] for r in rows), sum(r["bytes_after"] for r in rows)
-    result = {
-        "src": str(src), "dst": str(dst), "method": text, "block_types": [r["type_after"] for r in rows],
-        "exact": all(r["exact"] for r in rows), "max_abs_error": max(r["max_abs_error"] for r in rows),
-        "bytes_before": before, "bytes_after": after, "ratio": before / after,
-        "vocab_before": vocab, "vocab_after": rows[0]["shape_after"][0], "file_bytes_before": src.stat().st_size,
-        "file_bytes_after": dst.stat().st_size, "tensors": rows, "seconds": time.perf_counter() - t0,
-        "compress": report,
-    }
-    log(f"wrote {dst} ({result['file_bytes_after']:,} bytes; embedding matrices {before:,} -> {after:,} bytes, "
-        f"x{result['ratio']:.2f})")
+    return {"src": str(f.path), "dst": str(dst), "block_types": [r["type_after"] for r in rows],
+            "bytes_before": before, "bytes_after": after, "ratio": before / after,
+            "vocab_before": rows[0]["shape_before"][0], "vocab_after": rows[0]["shape_after"][0],
+            "file_bytes_before": f.path.stat().st_size, "file_bytes_after": dst.stat().st_size, "tensors": rows,
+            "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated block types: bits=B / gguf_type=T without a method
+
+
+def _check_budget(n: int, method: MethodSpec | None, gguf_type: str | None, bits: float | None) -> None:
+    """The arguments of a calibrated GGUF output, checked before the model loads."""
+    if method is not None:
+        raise LmembedError("bits: picks the block type and rounds the token matrices itself; give a method or bits, "
+                           "not both (to trim too, trim first, then pass --bits on the trimmed .gguf)")
+    if gguf_type is None and bits is None:
+        raise LmembedError("compress_gguf: give a method, bits=B (--bits B) or gguf_type=T (--gguf-type T)")
+    within = budget_types(n, bits) if bits is not None else None
+    if gguf_type is not None:
+        t = check_type(gguf_type, n)
+        if within is not None and t.name not in within:
+            raise LmembedError(f"gguf_type {t.name} stores {t.bits_per_value:g} bits per value, more than bits "
+                               f"{bits:g}; within it: {', '.join(within)}")
+
+
+def _calibration(src: Path, calib: Any, calib_tokens: int | None, seed: int, log: Callable[[str], None]):
+    """Statistics of the GGUF model run by transformers: the given calibration, or the default
+    (text sampled from the model itself)."""
+    from ..compression.calibrate import calibrate, default_source
+
+    log(f"{src.name}: loading the whole model with transformers (calibration runs it)")
+    model, tokenizer = _load_model(src)
+    t0 = time.perf_counter()
+    source = calib if calib is not None else default_source(model, tokenizer)
+    stats = calibrate(model, source, tokenizer=tokenizer, tokens=calib_tokens, seed=seed)
+    log(f"calibrated on {stats.tokens} tokens of {stats.source} ({time.perf_counter() - t0:.0f} s)")
+    return stats
+
+
+def _calibrated_gguf(f: GGUFFile, dst: Path, method: MethodSpec | None, gguf_type: str | None,
+                     bits: float | None, kw: dict[str, Any], t0: float) -> dict[str, Any]:
+    log = kw["log"]
+    embd, head = f.matrix(EMBD), f.matrix(OUTPUT, required=False)
+    _check_budget(embd.shape[0], method, gguf_type, bits)
+    stats = _calibration(f.path, kw["calib"], kw["calib_tokens"], kw["seed"], log) if kw["calibrate"] else None
+    tensors = [embd] if head is None else [embd, head]
+    new, rows = {}, []
+    for tensor in tensors:
+        side = "tied" if head is None else ("input" if tensor is embd else "output")
+        new[tensor.name], row = _round_tensor(f, tensor, side, stats, gguf_type, bits, kw["seed"], log)
+        rows.append(row)
+    _write(f, dst, new, {})
+    how = "calibrated" if stats is not None else "plain"
+    result = {"method": f"{how} block type within {bits:g} bits" if gguf_type is None else f"{how} {gguf_type}",
+              "bits": bits, **_summary(f, dst, rows, t0),
+              "calibration": None if stats is None else {"source": stats.source, "tokens": stats.tokens}}
+    log(f"wrote {dst} ({result['file_bytes_after']:,} bytes; embedding matrices {result['bytes_before']:,} -> "
+        f"{result['bytes_after']:,} bytes, x{result['ratio']:.2f})")
     return result
+
+
+def _round_tensor(f: GGUFFile, tensor: Any, side: str, stats: Any, gguf_type: str | None, bits: float | None,
+                  seed: int, log: Callable[[str], None]) -> tuple[OutTensor, dict[str, Any]]:
+    """One matrix in its calibrated block type (the source's own rows copied when it is that type);
+    without statistics, plain squared error and equal rows."""
+    x = f.decode(tensor)
+    v, n = x.shape
+    metric, weights = _sensitivity(stats, side, v, n, tensor.name)
+    candidates: dict[str, float] = {}
+    kind = gguf_type
+    if kind is None:
+        kind, candidates = choose_type(x, weights, metric, bits, source_type=tensor.type_name, seed=seed)
+        log(f"{tensor.name}: calibrated cost per type within {bits:g} bits ({SAMPLE_ROWS} rows): "
+            + ", ".join(f"{k} {c:.4g}" for k, c in candidates.items()) + f"; {kind} chosen")
+    t = BLOCK_TYPES[kind]
+    if kind == tensor.type_name:
+        data, cost, plain, how = np.asarray(f.stored(tensor)), 0.0, 0.0, "copied"
+    else:
+        t1 = time.perf_counter()
+        data, costs = calibrated_rows(x, kind, metric, progress=_progress(log, tensor.name, kind, v))
+        cost = weighted_cost(costs, weights)
+        plain = weighted_cost(plain_costs(x, kind, metric), weights) if t.integer else cost
+        how = "calibrated" if stats is not None else "plain"
+        log(f"{tensor.name}: {kind} calibrated cost {cost:.4g} (reference rounding {plain:.4g}, "
+            f"x{cost / max(plain, 1e-300):.3f}; {time.perf_counter() - t1:.0f} s)")
+    back = OutTensor(tensor.name, (n, v), tensor.ggml if how == "copied" else t.ggml, data)
+    err = max_error(back, x)
+    return back, {"name": tensor.name, "side": side, "type_before": tensor.type_name, "type_after": kind, "how": how,
+                  "cost": cost, "cost_reference": plain, "candidates": candidates, "max_abs_error": err,
+                  "shape_before": [v, n], "shape_after": [v, n], "bytes_before": tensor.nbytes,
+                  "bytes_after": int(data.nbytes)}
+
+
+def _sensitivity(stats: Any, side: str, v: int, n: int, name: str) -> tuple[torch.Tensor, np.ndarray]:
+    """(the damped column metric, row weights) the rounding and the type choice use."""
+    from ..compression.calibrated import FLOOR, INPUT_WEIGHT, sensitivity
+
+    if stats is None:
+        return torch.eye(n, dtype=torch.float64), np.ones(v)
+    if stats.dim != n or len(stats.in_freq) != v:
+        raise LmembedError(f"calibration statistics are for a {len(stats.in_freq)} x {stats.dim} matrix, "
+                           f"{name} is {v} x {n}")
+    metric = damped(sensitivity(stats, side, INPUT_WEIGHT))
+    return metric, stats.row_weights(side, mix=1.0, floor=FLOOR.default).numpy()
+
+
+def _progress(log: Callable[[str], None], name: str, kind: str, total: int) -> Callable[[int], None]:
+    marks = iter(range(1, 11))
+    nxt = [next(marks)]
+
+    def report(done: int) -> None:
+        if done * 10 >= nxt[0] * total:
+            log(f"{name}: {kind} rounding {done:,} / {total:,} rows")
+            nxt[0] = next(marks, 11)
+    return report
 
 
 def _fit(f: GGUFFile, src: Path, stages: list, whole_model: bool, trims: bool, kw: dict[str, Any]
@@ -463,11 +643,13 @@ def _encode(f: GGUFFile, tensor: Any, module: CompressedEmbedding, text: str, gg
                   "bytes_after": int(data.nbytes)}
 
 
-def max_error(t: OutTensor, module: CompressedEmbedding, chunk: int = 16384) -> float:
-    """max |decoded rows of `t` - lmembed's rows|, a chunk of rows at a time (bounded memory)."""
+def max_error(t: OutTensor, want: CompressedEmbedding | np.ndarray, chunk: int = 16384) -> float:
+    """max |decoded rows of `t` (the gguf package's decoder) - the wanted rows| (lmembed's matrix
+    or a float array), a chunk of rows at a time (bounded memory)."""
     gguf, err = _gguf(), 0.0
     for s in range(0, t.data.shape[0], chunk):
         got = gguf.quants.dequantize(np.ascontiguousarray(t.data[s: s + chunk]), gguf.GGMLQuantizationType(t.ggml))
-        want = module.lookup(torch.arange(s, min(s + chunk, t.data.shape[0]))).detach().float().cpu().numpy()
-        err = max(err, float(np.abs(np.asarray(got, dtype=np.float32).reshape(want.shape) - want).max()))
+        rows = (want[s: s + chunk] if isinstance(want, np.ndarray) else
+                want.lookup(torch.arange(s, min(s + chunk, t.data.shape[0]))).detach().float().cpu().numpy())
+        err = max(err, float(np.abs(np.asarray(got, dtype=np.float32).reshape(rows.shape) - rows).max()))
     return err

@@ -90,39 +90,79 @@ class GGUFFile:
         if n_tensors > size or n_kv > size:
             raise ValueError(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in {size} bytes")
         self.entries: dict[str, Entry] = {}
-        for _ in range(n_kv):
-            start = pos
-            key, pos = self._string(pos)
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            sub, count = None, 1
-            if vtype == ARRAY:
-                sub, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-            value_start = pos
-            pos = self._skip(pos, sub if vtype == ARRAY else vtype, count)
-            self.entries[key] = Entry(key, vtype, sub, start, value_start, pos, count)
+        for i in range(n_kv):
+            pos = self._entry(pos, i, size)
         self.tensors: list[TensorInfo] = []
         for _ in range(n_tensors):
-            name, pos = self._string(pos)
-            (ndim,) = struct.unpack_from("<I", buf, pos)
-            if not 1 <= ndim <= 4:
-                raise ValueError(f"tensor {name} has {ndim} dimensions")
-            shape = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
-            ggml, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
-            pos += 4 + 8 * ndim + 12
-            self.tensors.append(TensorInfo(name, tuple(int(x) for x in shape), int(ggml), int(offset),
-                                           tensor_nbytes(shape, int(ggml), name)))
+            pos = self._tensor_info(pos)
         align = self.value("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise ValueError(f"general.alignment {align!r} is not a power of two")
+            raise self._bad(f"metadata entry general.alignment: {align!r} is not a power of two")
         self.alignment = align
         self.data_start = -(-pos // align) * align
-        for t in self.tensors:
+        self._check_data(size)
+
+    def _bad(self, what: str) -> LmembedError:
+        return LmembedError(f"{self.what} {self.path}: {what}; not a valid GGUF file (nothing was read past it)")
+
+    def _entry(self, pos: int, i: int, size: int) -> int:
+        """Parse metadata entry number i at `pos`; returns where the next one starts. Counts are
+        checked against the bytes left before any element is read."""
+        start = pos
+        key, pos = self._string(pos)
+        if key in self.entries:
+            raise self._bad(f"metadata entry {key} appears twice")
+        (vtype,) = struct.unpack_from("<I", self.buf, pos)
+        pos += 4
+        sub, count = None, 1
+        if vtype == ARRAY:
+            sub, count = struct.unpack_from("<IQ", self.buf, pos)
+            pos += 12
+            least = 8 if sub == STRING else struct.calcsize(SCALAR_FORMATS.get(sub, "<B"))
+            if count * least > size - pos:
+                raise self._bad(f"metadata entry {key}: an array of {count:,} elements cannot fit in the "
+                                f"{size - pos:,} bytes left in the file")
+        value_start = pos
+        try:
+            pos = self._skip(pos, sub if vtype == ARRAY else vtype, count)
+        except (ValueError, struct.error) as e:
+            raise self._bad(f"metadata entry {key}: {e}") from None
+        self.entries[key] = Entry(key, vtype, sub, start, value_start, pos, count)
+        return pos
+
+    def _tensor_info(self, pos: int) -> int:
+        name, pos = self._string(pos)
+        (ndim,) = struct.unpack_from("<I", self.buf, pos)
+        if not 1 <= ndim <= 4:
+            raise self._bad(f"tensor {name}: {ndim} dimensions (GGUF tensors have 1 to 4)")
+        shape = tuple(int(x) for x in struct.unpack_from(f"<{ndim}Q", self.buf, pos + 4))
+        if 0 in shape:
+            raise self._bad(f"tensor {name}: a zero dimension (shape {list(shape)})")
+        if any(t.name == name for t in self.tensors):
+            raise self._bad(f"tensor {name} appears twice")
+        ggml, offset = struct.unpack_from("<IQ", self.buf, pos + 4 + 8 * ndim)
+        try:
+            nbytes = tensor_nbytes(shape, int(ggml), name)
+        except ValueError as e:
+            raise self._bad(str(e)) from None
+        self.tensors.append(TensorInfo(name, shape, int(ggml), int(offset), nbytes))
+        return pos + 4 + 8 * ndim + 12
+
+    def _check_data(self, size: int) -> None:
+        """Every tensor's data aligned, inside the file, and apart from every other tensor's."""
+        last = None
+        for t in sorted(self.tensors, key=lambda t: t.offset):
+            if t.offset % self.alignment:
+                raise self._bad(f"tensor {t.name}: data offset {t.offset:,} is not a multiple of the alignment "
+                                f"{self.alignment}")
+            if last is not None and t.offset < last.offset + last.nbytes:
+                raise self._bad(f"tensors {last.name} and {t.name} share or overlap their data (offsets "
+                                f"{last.offset:,} and {t.offset:,}; {last.name} holds {last.nbytes:,} bytes)")
             end = self.data_start + t.offset + t.nbytes
             if end > size:
                 raise LmembedError(f"{self.what} {self.path}: truncated GGUF file (tensor {t.name} ends at byte "
                                    f"{end:,}, the file has {size:,})")
+            last = t
 
     def _string(self, pos: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", self.buf, pos)

@@ -1,0 +1,159 @@
+"""SmolLM2's token matrix in llama.cpp's block types, measured by llama.cpp itself.
+
+    make llamacpp                                          # llama.cpp's tools, once (about 30 min)
+    python benchmarks/llamacpp.py --out runs/llamacpp      # about 30 min on 2 cores
+
+Variants of the bundled SmolLM2-135M GGUF in which only token_embd (tied: it is also the output
+layer) differs; every other tensor and metadata entry is checked byte for byte against the shipped
+file (`others_identical`):
+
+- shipped: token_embd as the file ships it (Q8_0);
+- llama-quantize T: `llama-quantize --allow-requantize --token-embedding-type T` with the file's
+  own type (Q4_1) for the rest, so llama-quantize copies every other tensor (llama.cpp's rounding;
+  its importance matrix has no entry for a tied token matrix, so this is llama.cpp's best);
+- lmembed int4:g32: `lmembed compress --method int4:g32` (lmembed's round-to-nearest codes -> Q4_0);
+- lmembed calibrated T: `compress_gguf(..., gguf_type=T)` (`lmembed compress --bits B --gguf-type T`):
+  calibrated rounding into T with lmembed's default calibration (text sampled from the model).
+
+Measured: `llama-perplexity -c 512 --chunks 30` on wiki:test (no calibration sees it; it holds 20
+chunks of 512 SmolLM2 tokens), `llama-bench -p 512 -n 64 -t 1` tokens/s (prompt, generation).
+Targets (issue 28): calibrated Q4_0 <= +3 %, Q5_0 and Q5_1 <= +1 % over the shipped perplexity.
+Writes llamacpp.json and llamacpp.md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1")
+CALIBRATED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+TARGETS = {"Q4_0": 3.0, "Q5_0": 1.0, "Q5_1": 1.0}
+
+
+def source() -> Path:
+    from lmembed.data.bundled import package_dir
+    from lmembed.models.pretrained import BUNDLED_MODELS
+
+    m = BUNDLED_MODELS["smollm2"]
+    return package_dir(m.package, m.install_hint) / m.gguf_file
+
+
+def others_identical(src: Path, dst: Path) -> bool:
+    """Every tensor but token_embd and every metadata entry byte for byte as in `src`."""
+    from lmembed.export.gguf_file import GGUFFile
+
+    a, b = GGUFFile(src), GGUFFile(dst)
+    if [a.raw(k) for k in a.entries] != [b.raw(k) for k in b.entries] or len(a.tensors) != len(b.tensors):
+        return False
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        if ta.name != "token_embd.weight" and ((ta.name, ta.shape, ta.ggml) != (tb.name, tb.shape, tb.ggml)
+                                              or not np.array_equal(a.stored(ta), b.stored(tb))):
+            return False
+    return True
+
+
+def variants(src: Path, work: Path, args: argparse.Namespace) -> list[dict]:
+    """Write every variant's file; rows with how each was made."""
+    from lmembed.export import compress_gguf, llamacpp, read_token_embd
+
+    rows = [{"variant": "shipped", "file": src, "how": "as shipped"}]
+    for t in args.quantize_types:
+        dst = work / f"llama-quantize-{t}.gguf"
+        llamacpp.quantize(src, dst, token_embedding_type=t, file_type="Q4_1")
+        rows.append({"variant": f"llama-quantize {t.upper()}", "file": dst, "how": "llama.cpp's rounding"})
+    dst = work / "lmembed-int4-g32.gguf"
+    compress_gguf(src, "int4:g32", dst, log=lambda s: None)
+    rows.append({"variant": "lmembed int4:g32", "file": dst, "how": "RTN codes -> Q4_0"})
+    for t in args.calibrated_types:
+        dst = work / f"lmembed-calibrated-{t}.gguf"
+        t0 = time.perf_counter()
+        rep = compress_gguf(src, None, dst, gguf_type=t, seed=args.seed, log=print)
+        tensor = rep["tensors"][0]
+        rows.append({"variant": f"lmembed calibrated {t}", "file": dst, "how": "calibrated rounding",
+                     "calibrated_cost": tensor["cost"], "reference_cost": tensor["cost_reference"],
+                     "fit_s": time.perf_counter() - t0})
+    for r in rows:
+        r["token_embd"] = read_token_embd(r["file"])[1]
+        r["file_bytes"] = Path(r["file"]).stat().st_size
+        r["others_identical"] = others_identical(src, Path(r["file"]))
+    return rows
+
+
+def measure(rows: list[dict], text: Path, args: argparse.Namespace) -> None:
+    from lmembed.export import llamacpp
+
+    for r in rows:
+        t0 = time.perf_counter()
+        r.update(llamacpp.perplexity(r["file"], text, ctx=512, chunks=30, threads=args.threads))
+        r["ppl_s"] = time.perf_counter() - t0
+        if not args.skip_bench:
+            speed = llamacpp.bench(r["file"], threads=1, prompt=512, generate=64, repetitions=args.repetitions)
+            r["pp512_tok_s"], r["tg64_tok_s"] = speed.get("pp"), speed.get("tg")
+        print(f"{r['variant']}: ppl {r['ppl']:.4f} +/- {r['stderr']:.4f} ({r['chunks']} chunks)"
+              + (f", pp512 {r['pp512_tok_s']:.1f} tok/s, tg64 {r['tg64_tok_s']:.1f} tok/s" if not args.skip_bench
+                 else ""), flush=True)
+    base = rows[0]
+    for r in rows:
+        r["ppl_delta_pct"] = 100 * (r["ppl"] / base["ppl"] - 1)
+        for k in ("pp512_tok_s", "tg64_tok_s"):
+            if r.get(k) and base.get(k):
+                r[k.replace("_tok_s", "_vs_shipped")] = r[k] / base[k]
+        kind = r["variant"].rsplit(" ", 1)[-1]
+        if r["variant"].startswith("lmembed calibrated") and kind in TARGETS:
+            r["target_pct"] = TARGETS[kind]
+            r["meets_target"] = r["ppl_delta_pct"] <= TARGETS[kind]
+
+
+def write(rows: list[dict], out: Path, args: argparse.Namespace) -> None:
+    from lmembed.common.report import markdown_table, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        r["file"] = Path(r["file"]).name
+    (out / "llamacpp.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "out"},
+                                                   "rows": rows}, indent=1, default=str) + "\n")
+    cols = [("variant", "token_embd as"), ("token_embd", "type"), ("ppl", "llama.cpp perplexity"),
+            ("ppl_delta_pct", "vs shipped %"), ("target_pct", "target %"), ("pp512_tok_s", "pp512 tok/s"),
+            ("tg64_tok_s", "tg64 tok/s"), ("tg64_vs_shipped", "tg64 vs shipped"), ("file_bytes", "file bytes"),
+            ("calibrated_cost", "calibrated cost"), ("reference_cost", "reference rounding cost"),
+            ("others_identical", "other tensors identical")]
+    about = (f"llama-perplexity -c 512 --chunks 30 -t {args.threads} on wiki:test ({rows[0]['chunks']} chunks), "
+             f"llama-bench -p 512 -n 64 -t 1 -r {args.repetitions}; seed {args.seed}.")
+    write_text(out / "llamacpp.md", "# SmolLM2's token matrix in llama.cpp\n\n" + about + "\n\n"
+               + markdown_table(rows, cols))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/llamacpp")
+    ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    ap.add_argument("--threads", type=int, default=2, help="llama-perplexity threads")
+    ap.add_argument("--repetitions", type=int, default=3, help="llama-bench repetitions")
+    ap.add_argument("--quantize-types", default=",".join(QUANTIZE_TYPES))
+    ap.add_argument("--calibrated-types", default=",".join(CALIBRATED_TYPES))
+    ap.add_argument("--skip-bench", action="store_true", help="perplexity only")
+    args = ap.parse_args()
+    args.quantize_types = [t for t in args.quantize_types.split(",") if t]
+    args.calibrated_types = [t for t in args.calibrated_types.split(",") if t]
+    from lmembed.data.texts import load_text
+    from lmembed.export import llamacpp
+
+    llamacpp.require("llama-perplexity")
+    with tempfile.TemporaryDirectory(prefix="lmembed-llamacpp-") as tmp:
+        work = Path(tmp)
+        text = work / "wiki-test.txt"
+        text.write_text(load_text("wiki:test"))
+        rows = variants(source(), work, args)
+        measure(rows, text, args)
+        write(rows, Path(args.out), args)
+    print((Path(args.out) / "llamacpp.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
