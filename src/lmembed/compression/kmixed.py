@@ -101,6 +101,9 @@ class KMixed(Mixed):
         MIX, DAMP, FLOOR,
     )
 
+    def makes(self, given: str) -> str:
+        return "final"
+
     def check_args(self) -> None:
         lo, hi = BITS_RANGE
         if not all(lo <= b <= hi for b in self.choices):

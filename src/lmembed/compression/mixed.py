@@ -155,6 +155,9 @@ class Mixed(Method):
         MIX, DAMP, FLOOR, GRID, CLIP,
     )
 
+    def makes(self, given: str) -> str:
+        return "tunable"
+
     def check_args(self) -> None:
         if self.avg <= min(self.choices):
             raise LmembedError(f"method {self.text!r}: {self.avg} bits per value is below the narrowest width "

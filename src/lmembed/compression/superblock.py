@@ -363,6 +363,9 @@ class SuperBlockQuant(RowQuantizer):
         Arg("refit", non_negative_int, 4, "rounds of refitting each row's fp16 super-scale and super-min"),
     )
 
+    def makes(self, given: str) -> str:
+        return "final"
+
     def check(self, num_embeddings: int, dim: int) -> None:
         if not BITS_RANGE[0] <= self.bits <= BITS_RANGE[1]:
             raise LmembedError(f"method {self.text!r}: {self.bits} bits per code is out of range "

@@ -306,8 +306,9 @@ class TransformCoding(Method):
         budget = self.avg * v * d - fixed_bits(v, d, sizes)
         cls = allocate(costs, bits, budget).view(len(sizes), v)
         module = self._assemble(w, enc, col_w, sizes, cls, dec, dec_scales)
-        used = torch.tensor([[int((cls[j] == c).sum()) for c in range(len(WIDTHS))] for j in range(len(sizes))])
-        ctx.log(f"{self.text}: rows per width by band (widths {list(WIDTHS)}): {used.tolist()}")
+        widths = torch.tensor(WIDTHS, dtype=torch.float64)[cls.long()].mean(1)  # mean code width per band
+        ctx.log(f"{self.text}: mean code bits per band of {', '.join(map(str, sizes))} columns: "
+                + ", ".join(f"{b:.1f}" for b in widths.tolist()))
         return module
 
     def _chunks(self, w: torch.Tensor, enc: torch.Tensor, sizes: list[int]):
