@@ -130,7 +130,7 @@ def compress_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     import lmembed
     from lmembed.common.runtime import tune_allocator
-    from lmembed.compression import calibrate
+    from lmembed.compression.calibration import calibrate
     from lmembed.models.pretrained import load_pretrained
 
     tune_allocator()

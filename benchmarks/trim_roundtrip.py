@@ -28,8 +28,8 @@ import lmembed
 from lmembed.common.files import prepare_out_dir, write_json
 from lmembed.common.report import markdown_table, write_text
 from lmembed.common.runtime import seed_everything
-from lmembed.compression.counts import corpus_files, text_chunks
-from lmembed.compression.trim import unk_id
+from lmembed.compression.methods.counts import corpus_files, text_chunks
+from lmembed.compression.methods.trim import unk_id
 from lmembed.data.corpus import iter_lines
 from lmembed.data.texts import load_text
 from lmembed.evaluation.pretrained import model_kind

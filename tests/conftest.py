@@ -53,7 +53,7 @@ def zipf_ids(n: int, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def stats():
     """Calibration statistics of the tiny tied Llama on 1,024 Zipf-distributed ids (shared, read-only)."""
-    from lmembed.compression.calibrate import calibrate
+    from lmembed.compression.calibration.calibrate import calibrate
     from tiny_models import build
 
     return calibrate(build("llama-tied"), zipf_ids(1024), tokens=1024, window=64, cache=False)

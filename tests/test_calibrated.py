@@ -7,8 +7,8 @@ import torch
 
 import lmembed
 from conftest import zipf_ids
-from lmembed.compression.calibrate import calibrate
-from lmembed.compression.calibrated import sensitivity
+from lmembed.compression.calibration.calibrate import calibrate
+from lmembed.compression.calibration.sensitivity import sensitivity
 from lmembed.errors import LmembedError
 from tiny_models import V, build
 
@@ -137,7 +137,7 @@ def test_calibration_runs_the_head_in_chunks_with_the_same_statistics():
     """The lean path (the model's head deferred, run by calibration a chunk of positions at a time)
     gives the statistics of the plain forward pass, which is kept for models that transform their
     logits after the head (here forced by a config field the tiny Llama ignores)."""
-    from lmembed.compression import calibrate as C
+    from lmembed.compression.calibration import calibrate as C
 
     ids = torch.randint(0, 300, (3 * 64,), generator=torch.Generator().manual_seed(0))
     model = build("llama-tied")

@@ -14,9 +14,9 @@ from safetensors import safe_open
 
 import lmembed
 from lmembed.compression import CompressedHead, FactorizedEmbedding, QuantizedEmbedding
-from lmembed.compression import modules as compress_modules
-from lmembed.compression.io import manifest_digest
-from lmembed.compression.modules import pack_bits, unpack_bits
+from lmembed.compression.formats import quantized as compress_modules
+from lmembed.compression.formats.bits import pack_bits, unpack_bits
+from lmembed.compression.integration.verify import manifest_digest
 from lmembed.compression.registry import parse_pipeline
 from lmembed.errors import LmembedError
 from tiny_models import ARCHS, D, V, build, inputs
@@ -159,7 +159,7 @@ def test_pack_unpack_round_trip(bits, rows, n, seed):
 def test_pack_bits_layout_is_the_same_on_every_path(monkeypatch):
     """4-bit codes take a nibble fast path and tall matrices are packed in row chunks: the
     bytes must equal the plain per-bit layout (low bits first), or saved files would differ."""
-    mod = importlib.import_module("lmembed.compression.modules")
+    mod = importlib.import_module("lmembed.compression.formats.bits")
 
     q = torch.randint(0, 16, (7, 13), generator=torch.Generator().manual_seed(0))
     bits = ((q.unsqueeze(-1) >> torch.arange(4)) & 1).reshape(7, -1)

@@ -15,8 +15,8 @@ import transformers as tf
 
 import lmembed
 from lmembed.cli import main
-from lmembed.compression import kernels
-from lmembed.compression.modules import quantize_rows
+from lmembed.compression.formats import kernels
+from lmembed.compression.methods.quantize import quantize_rows
 from lmembed.errors import LmembedError
 from lmembed.export.hf import export_hf
 from tiny_models import ARCHS, V, build, inputs, word_tokenizer

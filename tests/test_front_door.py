@@ -13,7 +13,7 @@ import lmembed
 from lmembed.cli import main
 from lmembed.common.steps import Steps, bars_wanted, human_bytes
 from lmembed.compression.choose import choose
-from lmembed.compression.superblock import bits_per_value
+from lmembed.compression.formats.superblock import bits_per_value
 from lmembed.errors import LmembedError
 from tiny_models import D, V, build, save_folder
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import lmembed
-from lmembed.compression.mixed import MixedQuantizedEmbedding
-from lmembed.compression.modules import quantize_rows
+from lmembed.compression.formats.mixed import MixedQuantizedEmbedding
+from lmembed.compression.methods.quantize import quantize_rows
 from lmembed.errors import LmembedError
 from lmembed.export import BLOCK_TYPES, compress_gguf, encode_matrix, encode_module, read_token_embd, types_for_row
 from lmembed.export.blocks import decode_matrix

@@ -158,7 +158,7 @@ def test_bits_writes_a_calibrated_k_quant_and_copies_the_rest(tiny256, tmp_path)
 
 
 def test_kq_super_blocks_are_carried_into_q4_k_exactly(tiny256, tmp_path):
-    from lmembed.compression.superblock import quantize_superblock
+    from lmembed.compression.methods.superblock import quantize_superblock
 
     dst = tmp_path / "kq.gguf"
     rep = compress_gguf(tiny256["tied"], "kq4:g32", dst, **quiet)

@@ -7,8 +7,9 @@ import torch
 
 import lmembed
 from lmembed.compression import CompressedHead, FactorizedEmbedding, QuantizedEmbedding
-from lmembed.compression import modules as compress_modules
-from lmembed.compression.groupreduce import GroupedEmbedding, allocate_ranks
+from lmembed.compression.formats import quantized as compress_modules
+from lmembed.compression.formats.grouped import GroupedEmbedding
+from lmembed.compression.methods.groupreduce import allocate_ranks
 from lmembed.errors import LmembedError
 from tiny_models import D, V, build, inputs, word_tokenizer
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmembed.compression import kernels
-from lmembed.compression.kernels import cache, source
-from lmembed.compression.kmixed import MixedSuperBlockEmbedding
-from lmembed.compression.mixed import MixedQuantizedEmbedding
-from lmembed.compression.modules import pack_bits, quantize_rows
-from lmembed.compression.rowrank import RowRankEmbedding
-from lmembed.compression.superblock import quantize_superblock
-from lmembed.compression.transform import MAP_BITS, WIDTHS, TransformCodedEmbedding, band_sizes
+from lmembed.compression.formats import kernels
+from lmembed.compression.formats.bits import pack_bits
+from lmembed.compression.formats.kernels import cache, source
+from lmembed.compression.formats.mixed import MixedQuantizedEmbedding, MixedSuperBlockEmbedding
+from lmembed.compression.formats.rowrank import RowRankEmbedding
+from lmembed.compression.formats.transform import MAP_BITS, WIDTHS, TransformCodedEmbedding, band_sizes
+from lmembed.compression.methods.quantize import quantize_rows
+from lmembed.compression.methods.superblock import quantize_superblock
 
 V, D = 203, 40  # V not a multiple of the kernels' 64-row blocks, D not a multiple of 32
 

@@ -9,11 +9,13 @@ import torch
 
 import lmembed
 from lmembed.compression import CompressedHead
-from lmembed.compression.calibrate import calibrate
-from lmembed.compression.kmixed import KMixed, MixedSuperBlockEmbedding, kmixed_bytes, map_bits
-from lmembed.compression.modules import build_module
+from lmembed.compression.calibration.calibrate import calibrate
+from lmembed.compression.formats.base import build_module
+from lmembed.compression.formats.mixed import MixedSuperBlockEmbedding, kmixed_bytes, map_bits
+from lmembed.compression.formats.superblock import row_bytes
+from lmembed.compression.methods.kmixed import KMixed
+from lmembed.compression.methods.superblock import gptq_superblock, quantize_superblock
 from lmembed.compression.registry import parse_method
-from lmembed.compression.superblock import gptq_superblock, quantize_superblock, row_bytes
 from lmembed.errors import LmembedError
 from tiny_models import D, V, build, inputs
 
@@ -137,7 +139,7 @@ def test_bad_arguments_are_one_line_errors(stats, bad):
 def test_default_calibration_samples_the_model_deterministically():
     """A calibrated method given no calibration samples text from the model (seeded): same seed, same
     statistics and same compressed model; another seed, other samples."""
-    from lmembed.compression.calibrate import SOURCES
+    from lmembed.compression.calibration.calibrate import SOURCES
 
     model = build("llama-tied")
     a = calibrate(model, "model", tokens=512, cache=False, seed=3)
@@ -172,7 +174,7 @@ def test_mix_calibration_reads_the_bundled_corpora():
 def test_fit_in_row_chunks_matches_the_whole_matrix_fit(stats, method, monkeypatch):
     """Widths are chosen a chunk of rows at a time and each row is refitted at its width (so no
     width's candidate is ever held whole): rows are independent, so the result is the same."""
-    from lmembed.compression import mixed
+    from lmembed.compression.methods import mixed
 
     whole = build("llama-tied")
     lmembed.compress(whole, method, calib=stats)

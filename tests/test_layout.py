@@ -85,6 +85,9 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+COMPRESSION_LAYERS = ("methods", "calibration", "registry", "integration", "formats")
+
+
 def test_no_import_cycles_between_files_or_packages():
     files = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): _imports(p)
              for p in SRC.rglob("*.py")}
@@ -95,19 +98,29 @@ def test_no_import_cycles_between_files_or_packages():
 
     def pkg(m: str) -> str:
         parts = m.split(".")
-        return ".".join(parts[:2])
+        inside = len(parts) > 2 and parts[1] == "compression" and parts[2] in COMPRESSION_LAYERS
+        return ".".join(parts[:3] if inside else parts[:2])
 
     pkg_graph: dict[str, set[str]] = {}
     for m, deps in file_graph.items():
         pkg_graph.setdefault(pkg(m), set()).update(pkg(d) for d in deps if pkg(d) != pkg(m))
     assert _cycle(pkg_graph) is None, _cycle(pkg_graph)
-    # the layers the README describes: the CLI on top, benches below it, training over evaluation over
-    # compression over models; nothing below reaches up
+    # the layers docs/layout.md describes: the CLI on top, benches below it, the two flows (training,
+    # compression) over the evaluation they share... down to errors; nothing below reaches up
     order = ["lmembed.cli", "lmembed.bench", "lmembed.export", "lmembed.training", "lmembed.evaluation",
-             "lmembed.compression", "lmembed.models"]
-    for i, upper in enumerate(order):
-        for lower in order[i + 1:]:
-            assert upper not in pkg_graph.get(lower, set()), f"{lower} imports {upper}"
+             "lmembed.compression", "lmembed.models", "lmembed.config", "lmembed.tasks", "lmembed.data",
+             "lmembed.common", "lmembed._version", "lmembed.errors"]
+    inner = ["lmembed.compression"] + [f"lmembed.compression.{n}" for n in COMPRESSION_LAYERS]
+    packages = {pkg(m) for m in file_graph} - {"lmembed.__main__"}
+    layered = set(order) | set(inner)
+    # compression's own modules (api, choose, stages) sit on top of its subpackages with the package
+    assert {p for p in packages if p.count(".") == 1} <= set(order), sorted(packages - layered)
+    assert {p for p in packages if p.count(".") == 2 and p.startswith("lmembed.compression.")} <= set(inner), \
+        sorted(packages - layered)
+    for layers in (order, inner):
+        for i, upper in enumerate(layers):
+            for lower in layers[i + 1:]:
+                assert upper not in pkg_graph.get(lower, set()), f"{lower} imports {upper}"
 
 
 # --- the method grammar: typed objects, parsed and printed --------------------------------------

@@ -132,7 +132,7 @@ def _setup(tmp_path, arch="llama-tied"):
 
 
 def test_bench_rows_bits_resume_and_not_installed(tmp_path, monkeypatch):
-    from lmembed.compression.superblock import row_bytes
+    from lmembed.compression.formats.superblock import row_bytes
     from tiny_models import D as d
     from tiny_models import V as v
 

@@ -7,8 +7,8 @@ import torch
 
 import lmembed
 from lmembed.compression import RowRankEmbedding, build_module
-from lmembed.compression.allocation import allocate
-from lmembed.compression.calibrated import sensitivity
+from lmembed.compression.calibration.sensitivity import sensitivity
+from lmembed.compression.methods.allocation import allocate
 from lmembed.errors import LmembedError
 from tiny_models import D, V, build
 

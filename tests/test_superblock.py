@@ -10,17 +10,13 @@ from safetensors import safe_open
 
 import lmembed
 from lmembed.compression import CompressedHead, FactorizedEmbedding
-from lmembed.compression import superblock as sb
-from lmembed.compression.modules import build_module, quantize_rows, unpack_bits
+from lmembed.compression.formats import superblock as sb
+from lmembed.compression.formats.base import build_module
+from lmembed.compression.formats.bits import unpack_bits
+from lmembed.compression.formats.superblock import SuperBlockEmbedding, bits_per_value, row_bytes
+from lmembed.compression.methods.quantize import quantize_rows
+from lmembed.compression.methods.superblock import KQ3, KQ4, quantize_superblock
 from lmembed.compression.registry import parse_method, parse_pipeline
-from lmembed.compression.superblock import (
-    KQ3,
-    KQ4,
-    SuperBlockEmbedding,
-    bits_per_value,
-    quantize_superblock,
-    row_bytes,
-)
 from lmembed.errors import LmembedError
 from tiny_models import D, V, build, inputs
 

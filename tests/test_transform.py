@@ -9,19 +9,20 @@ import torch
 
 import lmembed
 from lmembed.compression import CompressedHead
-from lmembed.compression.calibrate import calibrate
-from lmembed.compression.calibrated import sensitivity
-from lmembed.compression.modules import build_module, pack_bits
-from lmembed.compression.registry import parse_method
-from lmembed.compression.transform import (
+from lmembed.compression.calibration.calibrate import calibrate
+from lmembed.compression.calibration.sensitivity import sensitivity
+from lmembed.compression.formats.base import build_module
+from lmembed.compression.formats.bits import pack_bits
+from lmembed.compression.formats.transform import (
     MAP_BITS,
     WIDTHS,
     TransformCodedEmbedding,
     band_sizes,
     dequantize,
     fixed_bits,
-    quantize_band,
 )
+from lmembed.compression.methods.transform import quantize_band
+from lmembed.compression.registry import parse_method
 from lmembed.errors import LmembedError
 from tiny_models import D, V, build, inputs
 
@@ -127,7 +128,7 @@ def test_a_bad_spec_or_map_is_refused(stats):
 
 
 def test_fit_is_deterministic_and_chunking_does_not_change_it(stats, monkeypatch):
-    from lmembed.compression import transform
+    from lmembed.compression.methods import transform
 
     a, b = build("llama-tied"), build("llama-tied")
     lmembed.compress(a, "tc:4", calib=stats)

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 import lmembed
 from lmembed.compression import CompressedHead, DenseEmbedding
-from lmembed.compression.trim import TrimmedEmbedding
+from lmembed.compression.formats.trimmed import TrimmedEmbedding
 from lmembed.errors import LmembedError
 from tiny_models import ARCHS, D, V, build, word_tokenizer
 
@@ -208,7 +208,7 @@ def test_trim_needs_tokenizer_and_save_refuses_the_original(corpus, tmp_path):
 
 
 def test_trimmed_module_spec_rebuilds():
-    from lmembed.compression.modules import build_module
+    from lmembed.compression.formats.base import build_module
 
     emb = build("gpt2").get_input_embeddings()
     inner = DenseEmbedding(emb.weight.detach()[:5])

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import lmembed
 from lmembed.cli import main
-from lmembed.compression.io import manifest_digest, read_manifest
+from lmembed.compression.integration.verify import manifest_digest, read_manifest
 from lmembed.config import RunConfig, make_config
 from lmembed.errors import LmembedError
 from tiny_models import build, word_tokenizer

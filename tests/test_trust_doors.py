@@ -1,4 +1,4 @@
-"""Every door that loads a save checks what it loads (lmembed.compression.verify): lmembed.load,
+"""Every door that loads a save checks what it loads (lmembed.compression.integration.verify): lmembed.load,
 open_model, `lmembed export` and transformers' from_pretrained after `import lmembed`. Tampered
 bytes, a consistent but wrong save (the manifest re-signed), files the manifest does not list, a
 concurrent re-save: each is one `lmembed: error:` line, or loads exactly."""
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import lmembed
 from lmembed.common.files import json_bytes
-from lmembed.compression import verify
+from lmembed.compression.integration import verify
 from lmembed.errors import LmembedError
 from tiny_models import build, word_tokenizer
 from trust_helpers import (

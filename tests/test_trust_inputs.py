@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import lmembed
-from lmembed.compression.calibrate import _cache_dir, calibrate
+from lmembed.compression.calibration.calibrate import _cache_dir, calibrate
+from lmembed.compression.formats.transform import CEILING, widest
 from lmembed.compression.registry import parse_method
-from lmembed.compression.transform import CEILING, widest
 from lmembed.data import texts
 from lmembed.data.texts import load_text
 from lmembed.errors import LmembedError
@@ -72,7 +72,8 @@ def test_shared_flags_are_bounded(argv, message, model, tmp_path, capsys):
 
 def test_kl_on_an_encoder_is_refused_before_calibration(tmp_path, monkeypatch, capsys):
     encoder = model_folder(tmp_path / "enc", "bert-encoder")
-    monkeypatch.setattr("lmembed.compression.calibrate.calibrate", lambda *a, **k: pytest.fail("calibrated"))
+    monkeypatch.setattr("lmembed.compression.calibration.calibrate.calibrate",
+                        lambda *a, **k: pytest.fail("calibrated"))
     err = one_line_error(["compress", encoder, "--method", "int8 > kl:10", "--out", tmp_path / "o", *QUIET], capsys)
     assert "has no output layer" in err
 

@@ -12,7 +12,7 @@ import torch
 import lmembed
 from lmembed.cli import main
 from lmembed.common.files import sha256_file
-from lmembed.compression.io import manifest_digest
+from lmembed.compression.integration.verify import manifest_digest
 from tiny_models import build, word_tokenizer
 
 WORDS = "the cat a dog bird my friend teacher child sees likes finds follows calls helps ball tree house .".split()

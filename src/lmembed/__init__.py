@@ -50,21 +50,21 @@ from .compression import (
     parse_pipeline,
     save,
 )
-from .compression.calibrate import calibrate
-from .compression.hf_quantizer import install_hook as _install_hook
+from .compression.calibration.calibrate import calibrate
+from .compression.integration.open import Opened, open_model
+from .compression.integration.quantizer import install_hook as _install_hook
 from .config import FinetuneConfig, RunConfig, Seq2SeqConfig, make_config, make_seq2seq_config, paper_proj_reg
 from .data import Corpus, TextOptions, load_corpus
 from .data.parallel import load_parallel
 from .errors import LmembedError
 from .evaluation.embeddings import analyze
-from .evaluation.targets import Opened, open_model
 from .models.store import load_run, load_seq2seq_run
 from .tasks import load_task
 from .training.finetune import finetune
 from .training.lm import evaluate_run, train
 from .training.seq2seq import evaluate_seq2seq_run, train_seq2seq
 
-_install_hook()  # transformers' from_pretrained then knows lmembed's saves (lmembed.compression.hf_quantizer)
+_install_hook()  # transformers' from_pretrained then knows lmembed's saves (lmembed.compression.integration.quantizer)
 
 __all__ = ["__version__", "LmembedError",
            # configs and data

@@ -25,8 +25,8 @@ from ..common.report import markdown_table, plot_scatter, write_text
 from ..common.runtime import seed_everything
 from ..compression import compress
 from ..compression.api import check_method
-from ..compression.calibrate import resolve_calibration
-from ..compression.hf import find_sites
+from ..compression.calibration.calibrate import resolve_calibration
+from ..compression.integration.sites import find_sites
 from ..compression.registry import as_pipeline
 from ..errors import LmembedError
 from ..evaluation.pretrained import EVAL_TOKENS

@@ -27,7 +27,7 @@ from ..common.locks import holds_lock
 from ..common.report import markdown_table, plot_curves, write_text
 from ..compression import compress, save
 from ..compression.api import check_method
-from ..compression.hf import find_sites
+from ..compression.integration.sites import find_sites
 from ..compression.registry import parse_pipeline
 from ..errors import LmembedError
 from ..tasks import TextTask

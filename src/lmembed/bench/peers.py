@@ -45,9 +45,9 @@ from ..common.report import _plt, markdown_table, write_text
 from ..common.runtime import seed_everything
 from ..compression import compress
 from ..compression.api import check_method
-from ..compression.calibrate import CalibStats
-from ..compression.fit_quality import matrix_stats
-from ..compression.hf import find_sites
+from ..compression.calibration.calibrate import CalibStats
+from ..compression.integration.sites import find_sites
+from ..compression.methods.fit_quality import matrix_stats
 from ..compression.registry import as_pipeline
 from ..errors import LmembedError
 from ..evaluation.pretrained import EVAL_TOKENS

@@ -89,7 +89,7 @@ def add_run_dir_args(p: argparse.ArgumentParser) -> None:
 
 def calib_flags(p: argparse.ArgumentParser, *, apart_from: str) -> None:
     """--calib and --calib-tokens, as every command with calibrated methods takes them."""
-    from ..compression.calibrate import DEFAULT_TOKENS, SOURCES
+    from ..compression.calibration.calibrate import DEFAULT_TOKENS, SOURCES
 
     p.add_argument("--calib", help="calibration for calibrated methods (wsvd, wae, gptq-intB, mixed, kmixed, kl): "
                                    f"a text (file, folder or corpus[:split]; keep it apart from {apart_from}), "

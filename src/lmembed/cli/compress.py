@@ -11,9 +11,9 @@ from ..common.locks import locked
 from ..common.runtime import seed_everything
 from ..common.steps import Steps, human_bytes
 from ..compression import compress, save
-from ..compression.calibrate import resolve_calibration
+from ..compression.calibration.calibrate import resolve_calibration
 from ..compression.choose import check_bits, choose
-from ..compression.hf import SIDES, find_sites
+from ..compression.integration.sites import SIDES, find_sites
 from ..compression.registry import as_pipeline, describe_methods
 from ..errors import LmembedError
 from ..evaluation.quick import quality_check

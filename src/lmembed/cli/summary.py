@@ -10,8 +10,8 @@ import torch
 
 from ..common.report import markdown_table
 from ..common.steps import Steps, human_bytes
-from ..compression.body import cast_body, state_bytes
-from ..evaluation.targets import Opened, open_model
+from ..compression.integration.body import cast_body, state_bytes
+from ..compression.integration.open import Opened, open_model
 from ..models.pretrained import BUNDLED_MODELS, bundled_name, resolve_model
 from ..models.sizes import DTYPES, files_bytes, source_dtype, weight_files
 

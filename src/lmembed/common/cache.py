@@ -15,9 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .files import sha256_file
+
+
+def content_hash(t: torch.Tensor) -> str:
+    """sha1 of a tensor's values, read in place (no copy of a float32 CPU tensor)."""
+    a = t.detach().float().cpu().contiguous().numpy()
+    return hashlib.sha1(np.ascontiguousarray(a).view(np.uint8).data).hexdigest()
 
 
 def note(message: str) -> None:

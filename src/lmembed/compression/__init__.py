@@ -6,24 +6,30 @@
 """
 
 from .api import check_method, compress
-from .autoencoder import AutoEncoder
-from .calibrate import CalibStats
-from .calibrated import GPTQ, GPTQInt2, GPTQInt3, GPTQInt4, GPTQInt8, WeightedAutoEncoder, WeightedSVD
-from .counts import token_counts
-from .groupreduce import GroupedEmbedding, GroupReduce
-from .io import load, save
-from .kl import KLFinetune
-from .kmixed import KMixed, MixedSuperBlockEmbedding
-from .mixed import Mixed, MixedQuantizedEmbedding
-from .modules import (
-    CompressedEmbedding,
-    CompressedHead,
-    DenseEmbedding,
-    FactorizedEmbedding,
-    QuantizedEmbedding,
-    build_module,
-)
-from .quantize import RTN, Int2, Int3, Int4, Int8
+from .calibration.calibrate import CalibStats
+from .formats.base import CompressedEmbedding, CompressedHead, build_module
+from .formats.dense import DenseEmbedding, FactorizedEmbedding
+from .formats.grouped import GroupedEmbedding
+from .formats.mixed import MixedQuantizedEmbedding, MixedSuperBlockEmbedding
+from .formats.quantized import QuantizedEmbedding
+from .formats.rowrank import RowRankEmbedding
+from .formats.superblock import SuperBlockEmbedding
+from .formats.transform import TransformCodedEmbedding
+from .formats.trimmed import TrimmedEmbedding
+from .integration.io import load, save
+from .methods.autoencoder import AutoEncoder
+from .methods.calibrated import GPTQ, GPTQInt2, GPTQInt3, GPTQInt4, GPTQInt8, WeightedAutoEncoder, WeightedSVD
+from .methods.counts import token_counts
+from .methods.groupreduce import GroupReduce
+from .methods.kl import KLFinetune
+from .methods.kmixed import KMixed
+from .methods.mixed import Mixed
+from .methods.quantize import RTN, Int2, Int3, Int4, Int8
+from .methods.remap import remap_tokenizer
+from .methods.superblock import KQ2, KQ3, KQ4, KQ5, KQ6, KQ7, KQ8, SuperBlockQuant
+from .methods.svd import SVD
+from .methods.transform import TransformCoding
+from .methods.trim import Trim
 from .registry import (
     REGISTRY,
     FitContext,
@@ -35,12 +41,6 @@ from .registry import (
     pipeline_text,
     register,
 )
-from .remap import remap_tokenizer
-from .rowrank import RowRankEmbedding
-from .superblock import KQ2, KQ3, KQ4, KQ5, KQ6, KQ7, KQ8, SuperBlockEmbedding, SuperBlockQuant
-from .svd import SVD
-from .transform import TransformCodedEmbedding, TransformCoding
-from .trim import Trim, TrimmedEmbedding
 
 __all__ = [
     "compress", "check_method", "save", "load", "CalibStats", "build_module", "REGISTRY", "FitContext", "Method",

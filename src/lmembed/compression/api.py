@@ -12,13 +12,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..common.cache import content_hash
 from ..common.runtime import pick_device
 from ..errors import LmembedError
-from .calibrate import CalibStats, resolve_calibration
+from .calibration.calibrate import CalibStats, resolve_calibration
 from .choose import Choice, choose
-from .fit_quality import content_hash, matrix_stats
-from .hf import Sites, find_sites, install, resolve_side
-from .modules import CompressedEmbedding, DenseEmbedding
+from .formats.base import CompressedEmbedding
+from .formats.dense import DenseEmbedding
+from .integration.sites import Sites, find_sites, install, resolve_side
+from .methods.fit_quality import matrix_stats
 from .registry import FitContext, Method, as_pipeline, pipeline_text
 from .stages import apply_stage
 

@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass
 
 from ..errors import LmembedError
+from .formats.superblock import BITS_RANGE, bits_per_value
 from .registry import parse_method
-from .superblock import BITS_RANGE, bits_per_value
 
 GROUPS = (16, 32, 64, 128, 256)  # super-block group sizes the calibration-free choice considers
 MAX_BITS = 16.0  # a budget at or above fp16's needs no compression

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import LmembedError
-from .modules import CompressedEmbedding, DenseEmbedding
+from .formats.base import CompressedEmbedding
+from .formats.dense import DenseEmbedding
 
 
 def show_value(v: Any) -> str:
@@ -152,7 +153,7 @@ class Method:
 
     def prepare(self, model: nn.Module, tokenizer: Any, log: Callable[[str], None]) -> Any:
         """Vocabulary stages only: change the model's vocabulary in place before anything is
-        fitted; returns what the later stages need (lmembed.compression.trim.VocabTrim)."""
+        fitted; returns what the later stages need (lmembed.compression.methods.trim.VocabTrim)."""
         raise NotImplementedError(f"{type(self).__name__} is not a vocabulary stage")
 
 
@@ -192,13 +193,14 @@ def method_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    """Import every module of this package once: each registers its methods (no list to edit)."""
+    """Import every module of lmembed.compression.methods once: each registers its methods (a new
+    method is one file there, no list to edit)."""
     import importlib
     import pkgutil
-    import sys
 
-    for m in pkgutil.iter_modules(sys.modules[__package__].__path__):
-        importlib.import_module(f"{__package__}.{m.name}")
+    methods = importlib.import_module(f"{__package__}.methods")
+    for m in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{m.name}")
 
 
 # --- argument parsers (a parser may carry its printer as `.show`) -------------------------------

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..compression import compress
+from ..compression.integration.open import open_model
 from ..errors import LmembedError
 from .rank import mean_cosine, norm_stats, spectrum_stats
 from .similarity import (
@@ -34,7 +35,6 @@ from .similarity import (
     similarity_agreement,
     word_similarity,
 )
-from .targets import open_model
 
 DEFAULT_WORDS = ("money", "president", "good", "three", "city", "war", "computer", "run")
 

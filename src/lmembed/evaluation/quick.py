@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ..common.steps import Steps
+from ..compression.integration.open import Opened
 from ..errors import LmembedError
 from .pretrained import model_kind
 from .subject import Subject, load_subject
-from .targets import Opened
 
 QUICK_TEXT = "wiki:test"
 QUICK_TOKENS = {"causal": 4096, "masked": 512, "encoder": 4096}  # encoders: max_tokens // 16 sentences

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..compression.trim import unk_id
+from ..compression.methods.trim import unk_id
 from .fidelity import sentence_embeddings, sentence_fidelity
 from .pretrained import causal_ppl, text_ids
 

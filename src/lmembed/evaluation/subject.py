@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..compression.integration.open import Opened, open_model
 from ..data.bundled import TextOptions
 from ..data.corpus import load_corpus, recorded_corpus
 from ..data.texts import load_text
@@ -24,7 +25,6 @@ from .fidelity import sentence_embeddings, sentence_fidelity
 from .perplexity import lm_nll, ppl
 from .pretrained import EVAL_TOKENS, EVAL_WINDOW, causal_ppl, masked_pseudo_ppl, model_kind, sentences_of, text_ids
 from .retokenized import causal_evaluator, encoder_evaluator
-from .targets import Opened, open_model
 
 
 @dataclass

@@ -45,15 +45,20 @@ import torch
 from torch import nn
 
 from ..compression.api import MethodSpec, check_method, compress
-from ..compression.calibrated import GPTQ
-from ..compression.kl import KLFinetune
-from ..compression.kmixed import KMixed
-from ..compression.mixed import Mixed, MixedQuantizedEmbedding
-from ..compression.modules import CompressedEmbedding, CompressedHead, DenseEmbedding, QuantizedEmbedding, unpack_bits
-from ..compression.quantize import RTN
+from ..compression.formats.base import CompressedEmbedding, CompressedHead
+from ..compression.formats.bits import unpack_bits
+from ..compression.formats.dense import DenseEmbedding
+from ..compression.formats.mixed import MixedQuantizedEmbedding
+from ..compression.formats.quantized import QuantizedEmbedding
+from ..compression.formats.superblock import SUB_BITS, SuperBlockEmbedding
+from ..compression.formats.trimmed import TrimmedEmbedding
+from ..compression.methods.calibrated import GPTQ
+from ..compression.methods.kl import KLFinetune
+from ..compression.methods.kmixed import KMixed
+from ..compression.methods.mixed import Mixed
+from ..compression.methods.quantize import RTN
+from ..compression.methods.superblock import SuperBlockQuant
 from ..compression.registry import pipeline_text
-from ..compression.superblock import SUB_BITS, SuperBlockEmbedding, SuperBlockQuant
-from ..compression.trim import TrimmedEmbedding
 from ..errors import LmembedError
 from .block_fit import encode_matrix
 from .blocks import BLOCK_TYPES, BlockType, Coded, _gguf, check_type, pack, pack_blocks, types_for_row
@@ -515,7 +520,7 @@ def _check_budget(n: int, method: MethodSpec | None, gguf_type: str | None, bits
 def _calibration(src: Path, calib: Any, calib_tokens: int | None, seed: int, log: Callable[[str], None]):
     """Statistics of the GGUF model run by transformers: the given calibration, or the default
     (text sampled from the model itself)."""
-    from ..compression.calibrate import calibrate, default_source
+    from ..compression.calibration.calibrate import calibrate, default_source
 
     log(f"{src.name}: loading the whole model with transformers (calibration runs it)")
     model, tokenizer = _load_model(src)
@@ -582,7 +587,8 @@ def _round_tensor(f: GGUFFile, tensor: Any, side: str, stats: Any, gguf_type: st
 
 def _sensitivity(stats: Any, side: str, v: int, n: int, name: str) -> tuple[torch.Tensor, np.ndarray]:
     """(the damped column metric, row weights) the rounding and the type choice use."""
-    from ..compression.calibrated import FLOOR, INPUT_WEIGHT, sensitivity
+    from ..compression.calibration.sensitivity import INPUT_WEIGHT, sensitivity
+    from ..compression.methods.calibrated import FLOOR
 
     if stats is None:
         return torch.eye(n, dtype=torch.float64), np.ones(v)

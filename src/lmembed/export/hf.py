@@ -10,8 +10,9 @@ import torch
 
 from ..common.files import EXPORT_RECORD, build_and_publish, check_out_dir, owned_names, real_path
 from ..common.locks import holds_lock
-from ..compression.io import open_save, read_manifest
-from ..compression.plain import plain_modules
+from ..compression.integration.io import open_save
+from ..compression.integration.plain import plain_modules
+from ..compression.integration.verify import read_manifest
 from ..errors import LmembedError
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")

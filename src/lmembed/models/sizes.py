@@ -3,7 +3,7 @@
 The embedding's own ratio says little about what a user ships: a 7x smaller matrix inside a model
 whose other weights went from bf16 to fp32 makes a bigger folder. So reports give the whole
 model's bytes too, and the rest of the model keeps the source's dtype unless asked otherwise
-(lmembed.compression.body).
+(lmembed.compression.integration.body).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from .seq2seq import Seq2SeqTransformer, build_seq2seq
 CONFIG, TOKENIZER, CHECKPOINT, WEIGHTS, METRICS = (
     "config.json", "tokenizer.json", "checkpoint.pt", "model.safetensors", "metrics.json")
 TOKENIZER_SRC, TOKENIZER_TGT = "tokenizer.src.json", "tokenizer.tgt.json"
-COMPRESSED_MANIFEST = "lmembed.json"  # a folder written by lmembed.save (lmembed.compression.io)
+COMPRESSED_MANIFEST = "lmembed.json"  # a folder written by lmembed.save (lmembed.compression.integration.io)
 # Every entry a training run writes in its folder (what --force may replace; nothing else is touched).
 RUN_FILES = (CONFIG, TOKENIZER, TOKENIZER_SRC, TOKENIZER_TGT, CHECKPOINT, WEIGHTS, METRICS, "report.md", "curves.png",
              "eval-*.json", "eval-*.md", "test.greedy.txt", "test.beam.txt")

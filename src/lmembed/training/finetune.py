@@ -43,11 +43,13 @@ from ..common.files import read_json, remove_owned, write_json
 from ..common.locks import holds_lock
 from ..common.report import fmt, markdown_table, plot_curves, write_text
 from ..common.runtime import pick_device, seed_everything
-from ..compression.modules import CompressedEmbedding, DenseEmbedding, FactorizedEmbedding, QuantizedEmbedding
+from ..compression.formats.base import CompressedEmbedding
+from ..compression.formats.dense import DenseEmbedding, FactorizedEmbedding
+from ..compression.formats.quantized import QuantizedEmbedding
+from ..compression.integration.open import open_model
 from ..config import EMBEDDING_MODES, FinetuneConfig
 from ..errors import LmembedError
 from ..evaluation.classification import classification_metrics
-from ..evaluation.targets import open_model
 from ..tasks import SPLITS, Split, TextTask, load_task
 from .loop import run_steps
 
