@@ -1,6 +1,6 @@
 """How close a compressed encoder stays to the original: sentence fidelity compares what the
 encoder does with its rows (mean-pooled sentence embeddings of a real text, before and after).
-The matrix itself is compared in lmembed.compression.fit_quality."""
+The matrix itself is compared in lmembed.compression.methods.fit_quality."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Calibrated rounding into llama.cpp's block types: the same blocks llama.cpp decodes, with codes
 and scales chosen for the model's error instead of the matrix's.
 
-An error Δ_v in row v costs the model about w_v · Δ_v M Δ_vᵀ (compression/calibrated.py), with M
+An error Δ_v in row v costs the model about w_v · Δ_v M Δ_vᵀ (compression/methods/calibrated.py), with M
 the sensitivity `tc` uses (H + G for a tied matrix: hidden-state moment and input Fisher; H for
 an output matrix, G for an input one) and w_v the row's calibrated importance. Rows are
 independent given M, so each row is rounded to lower its own Δ M Δᵀ; the row weights only rank
