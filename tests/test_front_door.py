@@ -171,3 +171,14 @@ def test_bundled_names_in_any_case_and_near_misses_refused_before_any_hub_lookup
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"did you mean {near!r}" in err
     assert pretrained.resolve_model("org/some-model") == ("org/some-model", None)  # a hub id stays one
+
+
+def test_info_lists_the_bundled_models(capsys):
+    from lmembed.cli import main
+    from lmembed.models.pretrained import BUNDLED_MODELS
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "bundled models" in out
+    for name, m in BUNDLED_MODELS.items():
+        assert f"  {name} " in out and m.description in out

@@ -283,6 +283,24 @@ def test_force_replaces_only_dst(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.txt", "out.gguf"]
 
 
+
+def test_a_linked_dst_is_written_through_and_a_dangling_link_refused(tiny, tmp_path):
+    """--force over a link replaces the file it points to (the link stays a link, nothing is left
+    beside it); a link to nothing is one line, and nothing is written."""
+    (tmp_path / "models").mkdir()
+    target, link = tmp_path / "models" / "real.gguf", tmp_path / "out.gguf"
+    target.write_bytes(b"old")
+    link.symlink_to(target)
+    compress_gguf(tiny["tied"], "int8", link, force=True, **quiet)
+    assert link.is_symlink() and read_token_embd(target)[1] == "Q8_0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "out.gguf"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["real.gguf"]
+    dangling = tmp_path / "gone.gguf"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.gguf")
+    with pytest.raises(LmembedError, match="does not exist") as e:
+        compress_gguf(tiny["tied"], "int8", dangling, force=True, **quiet)
+    assert "\n" not in str(e.value) and not (tmp_path / "nowhere").exists()
+
 # --- the bundled SmolLM2 ------------------------------------------------------------------------
 
 

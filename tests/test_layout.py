@@ -107,9 +107,9 @@ def test_no_import_cycles_between_files_or_packages():
     assert _cycle(pkg_graph) is None, _cycle(pkg_graph)
     # the layers docs/layout.md describes: the CLI on top, benches below it, the two flows (training,
     # compression) over the evaluation they share... down to errors; nothing below reaches up
-    order = ["lmembed.cli", "lmembed.bench", "lmembed.export", "lmembed.training", "lmembed.evaluation",
-             "lmembed.compression", "lmembed.models", "lmembed.config", "lmembed.tasks", "lmembed.data",
-             "lmembed.common", "lmembed._version", "lmembed.errors"]
+    order = ["lmembed.cli", "lmembed.bench", "lmembed.experimental", "lmembed.export", "lmembed.training",
+             "lmembed.evaluation", "lmembed.compression", "lmembed.models", "lmembed.config", "lmembed.tasks",
+             "lmembed.data", "lmembed.common", "lmembed._version", "lmembed.errors"]
     inner = ["lmembed.compression"] + [f"lmembed.compression.{n}" for n in COMPRESSION_LAYERS]
     packages = {pkg(m) for m in file_graph} - {"lmembed.__main__"}
     layered = set(order) | set(inner)
@@ -194,7 +194,7 @@ def test_any_method_string_is_parsed_or_refused_in_one_line(text):
 def test_typed_methods_compress_like_their_strings():
     ids = inputs("gpt2")
     for typed, text in ((lmembed.Int4(group=16), "int4:g16"), ([lmembed.SVD(8), lmembed.Int8()], "svd:8 > int8"),
-                        (lmembed.Mixed(4.5, group=16, grid="half"), None)):
+                        (lmembed.experimental.Mixed(4.5, group=16, grid="half"), None)):
         a, b = build("gpt2"), build("gpt2")
         if text is None:  # calibrated: the typed and printed forms must agree with each other
             text = str(typed)
@@ -279,3 +279,77 @@ def test_analyze_accepts_every_kind_of_folder_lmembed_writes(tiny_corpus, tmp_pa
         assert result["targets"][0]["matrices"], name
     tied_run = json.loads((tmp_path / "analysis-run-int4" / "analysis.json").read_text())["targets"][0]
     assert list(tied_run["matrices"]) == ["tied"]  # the compressed run stays one tied matrix
+
+
+def test_top_level_methods_are_the_registrys_first_class_ones():
+    """The registry is the truth: `lmembed.X` for every first-class method, `lmembed.experimental.X`
+    for every superseded one, and an old `lmembed.Mixed` still works with a warning."""
+    import warnings
+
+    import lmembed.experimental as experimental
+    from lmembed.compression.registry import Method
+
+    first = {c.__name__ for c in REGISTRY.values() if not c.superseded_by}
+    retired = {c.__name__ for c in REGISTRY.values() if c.superseded_by}
+    assert first and retired and "TransformCoding" in first and "KMixed" in first
+    exported = {n for n in lmembed.__all__ if isinstance(getattr(lmembed, n), type)
+                and issubclass(getattr(lmembed, n), Method) and getattr(lmembed, n).name}
+    assert exported == first
+    assert retired <= set(experimental.__all__)
+    assert all(getattr(experimental, n).superseded_by for n in experimental.__all__)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert lmembed.Mixed is experimental.Mixed
+    assert any("lmembed.experimental" in str(w.message) for w in caught)
+    with pytest.raises(AttributeError):
+        lmembed.NoSuchMethod  # noqa: B018
+    help_text = registry.describe_methods()
+    assert help_text.index("Experimental") < help_text.index("\n  mixed:")
+
+
+def _private_imports(path: Path) -> list[str]:
+    """`from <an lmembed module> import _name` in a file: a name private to another module."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "lmembed"):
+            found += [f"{path.relative_to(SRC.parent)}:{node.lineno}: from {'.' * node.level}{node.module or ''} "
+                      f"import {a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name another module needs is public (no underscore) or lives where it is used."""
+    found = [line for p in sorted(SRC.rglob("*.py")) for line in _private_imports(p)]
+    assert not found, "private names imported from another module:\n" + "\n".join(found)
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_60_lines():
+    """From the def line to the body's last line; a longer one is split into named helpers."""
+    long = [f"{p.relative_to(SRC.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for p in sorted(SRC.rglob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_no_module_outside_the_formats_switches_on_a_storage_kind():
+    """Behaviour lives on the kind (CompressedEmbedding's gguf_form, plain_parameter, tunable_scales...):
+    nothing outside compression/formats tests a module against a registered kind's class, so a new
+    kind is added in its own file."""
+    from lmembed.compression.formats import MODULE_KINDS
+
+    kinds = {cls.__name__ for cls in MODULE_KINDS.values()}
+    formats = SRC / "compression" / "formats"
+    found = []
+    for p in sorted(SRC.rglob("*.py")):
+        if formats in p.parents:
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("isinstance", "issubclass") \
+                    and len(node.args) == 2:
+                names = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} & kinds
+                found += [f"{p.relative_to(SRC.parent)}:{node.lineno}: {name}" for name in sorted(names)]
+    assert not found, "isinstance over storage kinds outside their files:\n" + "\n".join(found)

@@ -17,7 +17,6 @@ Python API (the CLI is a thin layer over it). Two flows and the evaluation path 
 
 from ._version import __version__
 from .compression import (
-    GPTQ,
     KQ2,
     KQ3,
     KQ4,
@@ -28,21 +27,16 @@ from .compression import (
     SVD,
     AutoEncoder,
     CalibStats,
-    GPTQInt2,
-    GPTQInt3,
-    GPTQInt4,
-    GPTQInt8,
     GroupReduce,
-    Int2,
     Int3,
     Int4,
     Int8,
     KLFinetune,
+    KMixed,
     Method,
-    Mixed,
     SuperBlockQuant,
+    TransformCoding,
     Trim,
-    WeightedAutoEncoder,
     WeightedSVD,
     compress,
     load,
@@ -75,8 +69,21 @@ __all__ = ["__version__", "LmembedError",
            "finetune",
            # compress
            "compress", "save", "load", "calibrate", "CalibStats", "Method", "parse_method", "parse_pipeline",
-           "SVD", "AutoEncoder", "RTN", "Int8", "Int4", "Int3", "Int2", "WeightedSVD", "WeightedAutoEncoder", "GPTQ",
-           "GPTQInt8", "GPTQInt4", "GPTQInt3", "GPTQInt2", "Mixed", "KLFinetune", "Trim", "GroupReduce",
-           "SuperBlockQuant", "KQ2", "KQ3", "KQ4", "KQ5", "KQ6", "KQ8",
+           # every first-class method of the registry (experimental ones: lmembed.experimental)
+           "SVD", "AutoEncoder", "RTN", "Int8", "Int4", "Int3", "WeightedSVD", "TransformCoding", "KMixed",
+           "KLFinetune", "Trim", "GroupReduce", "SuperBlockQuant", "KQ2", "KQ3", "KQ4", "KQ5", "KQ6", "KQ8",
            # evaluate
            "open_model", "Opened", "analyze"]
+
+
+def __getattr__(name: str):
+    """Methods that moved to lmembed.experimental keep working from here, with a warning."""
+    from . import experimental
+
+    if name in experimental.__all__:
+        import warnings
+
+        warnings.warn(f"lmembed.{name} is experimental now: import it from lmembed.experimental "
+                      f"({getattr(experimental, name).status()})", DeprecationWarning, stacklevel=2)
+        return getattr(experimental, name)
+    raise AttributeError(f"module 'lmembed' has no attribute {name!r}")

@@ -31,7 +31,7 @@ from ..compression.integration.sites import find_sites
 from ..compression.registry import parse_pipeline
 from ..errors import LmembedError
 from ..tasks import TextTask
-from ..training.finetune import FinetuneConfig, _settings, finetune, mean_std, open_run_dir, pm
+from ..training.finetune import FinetuneConfig, finetune, finetune_settings, mean_std, open_run_dir, pm
 
 DEFAULT_METHODS = "dense,svd:128,ae:128,int8,int4"
 BENCH_FILES = ("settings.json", "rows", "runs", "models", "bench_finetune.json", "bench_finetune.md", "*.png")
@@ -65,7 +65,7 @@ def bench_finetune(model_spec: str, task: TextTask, out: str | Path, *, methods:
     task = task.limit_train(cfg.max_train, seed=split_seed)
     out = Path(out)
     # seeds are not a setting: a bench rerun with more seeds reuses the cached ones and adds the rest
-    settings = {**_settings(model_spec, task, cfg), "compress_seed": compress_seed}
+    settings = {**finetune_settings(model_spec, task, cfg), "compress_seed": compress_seed}
     open_run_dir(out, settings, force=force, what="finetune bench", owned=BENCH_FILES)
     rows = []
     for method in method_list:

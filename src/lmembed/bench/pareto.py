@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..common.report import _plt
+from ..common.report import pyplot
 
 
 def frontier(rows: list[dict[str, Any]], lower_is_better: bool) -> list[dict[str, Any]]:
@@ -30,7 +30,7 @@ def frontier(rows: list[dict[str, Any]], lower_is_better: bool) -> list[dict[str
 
 def pareto_plot(path: str | Path, rows: list[dict[str, Any]], *, metric: str, lower_is_better: bool,
                 title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     rows = [r for r in rows if r.get("metric") is not None and r.get("stored_bytes")]
     dense = next((r["metric"] for r in rows if r["method"] == "dense"), None)
     lo, hi = None, None

@@ -41,7 +41,7 @@ from .._version import __version__
 from ..common.faults import fault_point
 from ..common.files import bench_dir, read_json, write_json
 from ..common.locks import holds_lock
-from ..common.report import _plt, markdown_table, write_text
+from ..common.report import markdown_table, pyplot, write_text
 from ..common.runtime import seed_everything
 from ..compression import compress
 from ..compression.api import check_method
@@ -550,7 +550,7 @@ def _header(result: dict[str, Any]) -> str:
 def plot_frontiers(path: Path, rows: list[dict[str, Any]], lower_is_better: bool, *, title: str, metric: str) -> None:
     """Loss against dense (%, log) vs bits per value: every row as a dot, and each side's best row
     within each bit budget as a step line (its frontier), labelled where it improves."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     floor = 0.01
     for side, colour in (("lmembed", "tab:blue"), ("peer", "tab:orange")):

@@ -90,8 +90,10 @@ def add_run_dir_args(p: argparse.ArgumentParser) -> None:
 def calib_flags(p: argparse.ArgumentParser, *, apart_from: str) -> None:
     """--calib and --calib-tokens, as every command with calibrated methods takes them."""
     from ..compression.calibration.calibrate import DEFAULT_TOKENS, SOURCES
+    from ..compression.registry import REGISTRY, method_names
 
-    p.add_argument("--calib", help="calibration for calibrated methods (wsvd, wae, gptq-intB, mixed, kmixed, kl): "
+    calibrated = ", ".join(n for n in method_names() if REGISTRY[n].needs_calib and not REGISTRY[n].superseded_by)
+    p.add_argument("--calib", help=f"calibration for calibrated methods ({calibrated}; --bits chooses one): "
                                    f"a text (file, folder or corpus[:split]; keep it apart from {apart_from}), "
                                    "'model' (text sampled from the model: the default), 'mix' (the bundled "
                                    "corpora: the default for a model that cannot generate) or 'model+mix'")

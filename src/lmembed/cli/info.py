@@ -1,4 +1,4 @@
-"""lmembed info: versions, devices, bundled corpora."""
+"""lmembed info: versions, devices, bundled models and corpora."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import platform
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="versions, devices and bundled corpora")
+    p = sub.add_parser("info", help="versions, devices, bundled models and corpora")
     p.set_defaults(func=run)
 
 
@@ -22,6 +22,14 @@ def run(args) -> int:
     cuda = torch.cuda.is_available()
     print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if cuda else 'cpu'}, "
           f"{torch.get_num_threads()} CPU threads")
+    import importlib.util
+
+    from ..models.pretrained import BUNDLED_MODELS
+
+    print("bundled models (compress / eval MODEL, any case):")
+    for name, m in sorted(BUNDLED_MODELS.items()):
+        there = importlib.util.find_spec(m.package) is not None
+        print(f"  {name:12s} {m.description}" + ("" if there else f" [not installed: {m.install_hint}]"))
     print("bundled corpora:")
     for name, c in sorted(REGISTRY.items()):
         print(f"  {name:12s} {c.description}")

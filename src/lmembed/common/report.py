@@ -39,7 +39,7 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,7 +59,7 @@ def plot_curves(
     markers: bool = True,
 ) -> None:
     """One line per label: curves[label] = (xs, ys)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for label, (xs, ys) in curves.items():
         ax.plot(list(xs), list(ys), marker="o" if markers else None, markersize=3, label=label)
@@ -106,7 +106,7 @@ def plot_scatter(
     group: str | None = None,
 ) -> None:
     """Labelled points (e.g. bytes vs quality); `group` colours series that share a value."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.6), dpi=120)
     groups: dict[Any, list[dict[str, Any]]] = {}
     for p in points:
@@ -143,7 +143,7 @@ def plot_panels(
     cols: int = 3,
 ) -> None:
     """Small multiples of unlabelled scatter plots: panels[title] = (xs, ys)."""
-    plt = _plt()
+    plt = pyplot()
     n = max(1, len(panels))
     cols = min(cols, n)
     rows = math.ceil(n / cols)

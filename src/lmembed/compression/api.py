@@ -105,9 +105,7 @@ def compress(
         chosen, calib = _choose(model, method, bits, calib)
         method = chosen.method
     full = as_pipeline(method)
-    if full[0].vocabulary and calib is not None and not isinstance(calib, (str, os.PathLike)):
-        raise LmembedError(f"calib: statistics or token ids of the untrimmed vocabulary cannot serve {full[0].text!r}; "
-                           "pass the calibration text instead (it is then run through the trimmed model)")
+    _check_trim_calib(full, calib)
     vocab, methods = vocabulary_stage(model, full, tokenizer, log)
     tokenizer, freqs = (tokenizer, freqs) if vocab is None else vocab.remapped(tokenizer, freqs)
     sites = find_sites(model)
@@ -120,18 +118,32 @@ def compress(
     calib_seconds = time.perf_counter() - t_cal if stats is not None else None
     dev = device if isinstance(device, torch.device) else pick_device(device)
     ctx = FitContext(seed=seed, device=dev, progress=progress, log=log, freqs=freqs, calib=stats, tokenizer=tokenizer)
-    torch.manual_seed(seed)
-    t0, text = time.perf_counter(), pipeline_text(full)
+    report = _fit_and_install(model, methods, pipeline_text(full), sites, side, ctx, cache, vocab, stats, calib_seconds)
+    if chosen is not None:
+        report["chosen"] = {"bits": float(bits), "method": chosen.method, "why": chosen.why}
+    return {"vocab": vocab.report, "tokenizer": vocab.tokenizer, **report} if vocab is not None else report
+
+
+def _check_trim_calib(full: list[Method], calib: Any) -> None:
+    """A vocabulary stage's calibration must be text (run through the trimmed model), not ids or
+    statistics of the untrimmed vocabulary."""
+    if full[0].vocabulary and calib is not None and not isinstance(calib, (str, os.PathLike)):
+        raise LmembedError(f"calib: statistics or token ids of the untrimmed vocabulary cannot serve {full[0].text!r}; "
+                           "pass the calibration text instead (it is then run through the trimmed model)")
+
+
+def _fit_and_install(model: nn.Module, methods: list[Method], text: str, sites: Sites, side: str, ctx: FitContext,
+                     cache: dict | None, vocab: Any, stats: Any, calib_seconds: float | None) -> dict[str, Any]:
+    """Fit every side (seeded), wrap a trimmed vocabulary, install the modules in the model; the report."""
+    torch.manual_seed(ctx.seed)
+    t0 = time.perf_counter()
     fitted, seconds = fit_sides(methods, sites, side, ctx, text, cache), time.perf_counter() - t0
     if vocab is not None:
         _wrap_trimmed(fitted, vocab)
     v0 = vocab.original_vocab if vocab is not None else sites.input_weight.shape[0]
-    matrices = [_matrix_report(role, weight, module, v0, seed) for role, weight, module in fitted.roles]
+    matrices = [_matrix_report(role, weight, module, v0, ctx.seed) for role, weight, module in fitted.roles]
     install(model, sites, side, fitted.input, fitted.output)
-    report = _summary(matrices, text, side, sites, v0, seed, seconds, stats, calib_seconds)
-    if chosen is not None:
-        report["chosen"] = {"bits": float(bits), "method": chosen.method, "why": chosen.why}
-    return {"vocab": vocab.report, "tokenizer": vocab.tokenizer, **report} if vocab is not None else report
+    return _summary(matrices, text, side, sites, v0, ctx.seed, seconds, stats, calib_seconds)
 
 
 def _choose(model: nn.Module, method: MethodSpec | None, bits: float | None, calib: Any) -> tuple[Choice, Any]:

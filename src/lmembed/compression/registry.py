@@ -20,7 +20,6 @@ from torch import nn
 
 from ..errors import LmembedError
 from .formats.base import CompressedEmbedding
-from .formats.dense import DenseEmbedding
 
 
 def show_value(v: Any) -> str:
@@ -82,10 +81,29 @@ class Method:
     # output is "plain" (a matrix), "factors" (codes x decoder), "tunable" (parameters or fp16
     # scales that kl can fine-tune) or "final" (nothing can follow it).
     follows: tuple[str, ...] = ("plain",)
+    # What GGUF can hold of the stage's output, known before anything is fitted (export/gguf.py
+    # refuses a method early on it): the gguf_form (formats/base.py) of the kind it stores a plain
+    # matrix as ("codes": integer codes of code_widths() bits, grid `grid`, groups `group`;
+    # "superblock": kq super-blocks of `bits`, groups `group`; None: no block type holds it).
+    # keeps_form: the stage tunes what it is given in place, so its form stays (kl: codes stay codes).
+    gguf_form: str | None = None
+    keeps_form: bool = False
+    # Non-empty: the method is experimental (docs/methods.md, retirement policy): still parsed, fitted
+    # and loaded, but exported from lmembed.experimental only; the text names what superseded it.
+    superseded_by: str = ""
+
+    @classmethod
+    def status(cls) -> str:
+        """'first-class', or 'experimental (superseded by ...)'."""
+        return f"experimental (superseded by {cls.superseded_by})" if cls.superseded_by else "first-class"
 
     def makes(self, given: str) -> str:
         """What this stage hands the next one, given what it was handed."""
         return "final"
+
+    def code_widths(self) -> tuple[int, ...]:
+        """The widths of the integer codes a gguf_form "codes" stage stores: its one width by default."""
+        return (self.bits,)
 
     def __init__(self, *args: Any, **values: Any):
         text = values.pop("_text", None)
@@ -146,8 +164,9 @@ class Method:
 
     def apply(self, module: CompressedEmbedding, ctx: FitContext) -> CompressedEmbedding:
         """Compress what the previous pipeline stage produced; plain matrices by default."""
-        if isinstance(module, DenseEmbedding):
-            return self.fit(module.weight.detach(), ctx)
+        weight = module.plain_parameter()
+        if weight is not None:
+            return self.fit(weight.detach(), ctx)
         raise LmembedError(f"method {self.text!r} cannot be applied after a stage that produced a "
                            f"{module.kind} module (put it earlier in the pipeline)")
 
@@ -387,4 +406,8 @@ def pipeline_text(methods: Sequence[Method]) -> str:
 def describe_methods() -> str:
     """One line per method, for --help."""
     _load_builtin()
-    return "\n".join(f"  {usage(REGISTRY[n])}: {REGISTRY[n].summary}" for n in sorted(REGISTRY))
+    lines = [f"  {usage(REGISTRY[n])}: {REGISTRY[n].summary}" for n in sorted(REGISTRY)
+             if not REGISTRY[n].superseded_by]
+    old = [f"  {usage(REGISTRY[n])}: {REGISTRY[n].summary} (superseded by {REGISTRY[n].superseded_by})"
+           for n in sorted(REGISTRY) if REGISTRY[n].superseded_by]
+    return "\n".join(lines + ["Experimental (still fitted and loaded; see docs/methods.md):"] + old)

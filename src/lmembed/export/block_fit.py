@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .blocks import BLOCK_TYPES, BlockType, Coded, _gguf, check_type, fp16, pack
+from .blocks import BLOCK_TYPES, BlockType, Coded, check_type, fp16, gguf_package, pack
 
 FIT_ROWS = 2048  # rows fitted at a time
 SEARCH = 16  # candidate scales per (sub-)block
@@ -237,7 +237,7 @@ def encode_matrix(x: np.ndarray | torch.Tensor, type_name: str) -> np.ndarray:
         data = np.concatenate([pack(fit_rows(torch.from_numpy(x[s: s + FIT_ROWS]), t))
                                for s in range(0, len(x), FIT_ROWS)]) if len(x) else np.zeros((0, 0), np.uint8)
     else:  # BF16 and the 32-value types: the reference rounding of the gguf package
-        gguf = _gguf()
+        gguf = gguf_package()
         data = gguf.quants.quantize(x, gguf.GGMLQuantizationType(t.ggml))
     return np.ascontiguousarray(data).view(np.uint8).reshape(x.shape[0], t.row_bytes(x.shape[1]))
 

@@ -104,7 +104,7 @@ def check_type(name: str, n: int, what: str = "token_embd") -> BlockType:
     return BLOCK_TYPES[name]
 
 
-def _gguf():
+def gguf_package():
     try:
         import gguf
     except ImportError:
@@ -258,7 +258,7 @@ def pack(c: Coded) -> np.ndarray:
 
 def decode_matrix(data: np.ndarray, type_name: str, n: int) -> np.ndarray:
     """uint8 rows x bytes of block type `type_name` -> float32 rows x n (the gguf package's decoder)."""
-    gguf = _gguf()
+    gguf = gguf_package()
     data = np.ascontiguousarray(data).view(np.uint8).reshape(data.shape[0], BLOCK_TYPES[type_name].row_bytes(n))
     return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType(BLOCK_TYPES[type_name].ggml)),
                       dtype=np.float32).reshape(data.shape[0], n)

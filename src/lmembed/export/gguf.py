@@ -47,21 +47,13 @@ from torch import nn
 from ..compression.api import MethodSpec, check_method, compress
 from ..compression.formats.base import CompressedEmbedding, CompressedHead
 from ..compression.formats.bits import unpack_bits
-from ..compression.formats.dense import DenseEmbedding
-from ..compression.formats.mixed import MixedQuantizedEmbedding
 from ..compression.formats.quantized import QuantizedEmbedding
 from ..compression.formats.superblock import SUB_BITS, SuperBlockEmbedding
-from ..compression.formats.trimmed import TrimmedEmbedding
-from ..compression.methods.calibrated import GPTQ
-from ..compression.methods.kl import KLFinetune
-from ..compression.methods.kmixed import KMixed
-from ..compression.methods.mixed import Mixed
-from ..compression.methods.quantize import RTN
-from ..compression.methods.superblock import SuperBlockQuant
 from ..compression.registry import pipeline_text
+from ..common.files import real_path
 from ..errors import LmembedError
 from .block_fit import encode_matrix
-from .blocks import BLOCK_TYPES, BlockType, Coded, _gguf, check_type, pack, pack_blocks, types_for_row
+from .blocks import BLOCK_TYPES, BlockType, Coded, check_type, gguf_package, pack, pack_blocks, types_for_row
 from .calibrated_blocks import (
     SAMPLE_ROWS,
     budget_types,
@@ -154,17 +146,13 @@ def default_type(parts: list[QuantizedEmbedding], n: int) -> str | None:
 
 def _unwrap(module: CompressedEmbedding) -> tuple[CompressedEmbedding, np.ndarray | None]:
     """(the matrix inside, kept original ids or None)."""
-    if isinstance(module, TrimmedEmbedding):
-        return module.inner, module.kept.long().cpu().numpy()
-    return module, None
+    inner, kept = module.split_vocabulary()
+    return inner, kept.long().cpu().numpy() if kept is not None else None
 
 
 def _code_parts(module: CompressedEmbedding) -> list[QuantizedEmbedding] | None:
-    if isinstance(module, QuantizedEmbedding):
-        return [module]
-    if isinstance(module, MixedQuantizedEmbedding):
-        return list(module.parts)
-    return None
+    """The integer-code modules a "codes" kind is stored as (see CompressedEmbedding.gguf_form)."""
+    return [part for part, _ in module.gguf_parts()] if module.gguf_form == "codes" else None
 
 
 def plain_types(n: int) -> str:
@@ -205,11 +193,11 @@ def resolve_type(module: CompressedEmbedding, method: str, gguf_type: str | None
     A plain matrix keeps the source tensor's type unless `gguf_type` names another."""
     inner, _ = _unwrap(module)
     n = inner.embedding_dim
-    if isinstance(inner, DenseEmbedding):
+    if inner.gguf_form == "plain":
         if gguf_type is None or gguf_type == source_type:
             return source_type, "copied"  # rows gathered as stored: works for any type the source has
         return check_type(gguf_type, n, what).name, "requantised"
-    if isinstance(inner, SuperBlockEmbedding):
+    if inner.gguf_form == "superblock":
         kind = superblock_type(inner.bits, inner.group_size, n, method, what)
         if gguf_type is not None and gguf_type != kind:
             raise LmembedError(f"gguf_type {gguf_type}: the super-blocks of method {method!r} fit {kind} (exact); "
@@ -257,23 +245,23 @@ def encode_module(module: CompressedEmbedding, type_name: str, source: np.ndarra
     source: the stored rows of the original tensor (uint8 rows x bytes), given when `type_name`
     is its type: a plain matrix is then gathered row by row, nothing rounded again."""
     inner, kept = _unwrap(module)
-    if isinstance(inner, DenseEmbedding):
+    if inner.gguf_form == "plain":
         if source is not None:
             return np.ascontiguousarray(source[kept] if kept is not None else source)
         return encode_matrix(inner.dense(), type_name)
-    if isinstance(inner, SuperBlockEmbedding):
+    if inner.gguf_form == "superblock":
         return superblock_blocks(inner, type_name)
     parts, t = _code_parts(inner), BLOCK_TYPES.get(type_name)
     if parts is None or t is None:
         raise LmembedError(f"a {inner.kind} matrix has no GGUF block type {type_name}")
-    if isinstance(inner, MixedQuantizedEmbedding):  # every width in the one type, rows back in place
-        out = np.empty((inner.num_embeddings, t.row_bytes(inner.embedding_dim)), dtype=np.uint8)
-        row_class = inner.row_class.cpu().numpy()
-        for c, part in enumerate(inner.parts):
-            if part.num_embeddings:
-                out[row_class == c] = codes_to_blocks(part, t)
-        return out
-    return codes_to_blocks(inner, t)
+    placed = inner.gguf_parts()
+    if len(placed) == 1 and placed[0][1] is None:
+        return codes_to_blocks(placed[0][0], t)
+    out = np.empty((inner.num_embeddings, t.row_bytes(inner.embedding_dim)), dtype=np.uint8)
+    for part, rows in placed:  # every width in the one type, rows back in place
+        if part.num_embeddings:
+            out[rows.cpu().numpy()] = codes_to_blocks(part, t)
+    return out
 
 
 def method_precheck(method: MethodSpec, vocab: int, n: int, gguf_type: str | None) -> list:
@@ -282,24 +270,23 @@ def method_precheck(method: MethodSpec, vocab: int, n: int, gguf_type: str | Non
     stages = check_method(method, vocab, n)  # parses, and checks the groups, ranks, corpus... fit the matrix
     text = pipeline_text(stages)
     rest = stages[1:] if stages[0].vocabulary else list(stages)
-    while len(rest) > 1 and isinstance(rest[-1], KLFinetune):  # tunes scales in place: codes stay codes
+    while len(rest) > 1 and rest[-1].keeps_form:  # tunes scales in place: codes stay codes
         rest = rest[:-1]
     if gguf_type is not None:
         check_type(gguf_type, n)
     if not rest:
         return stages
     first = rest[0]
-    if len(rest) == 1 and isinstance(first, SuperBlockQuant):
+    if len(rest) == 1 and first.gguf_form == "superblock":
         kind = superblock_type(first.bits, first.group, n, text)
         if gguf_type is not None and gguf_type != kind:
             raise LmembedError(f"gguf_type {gguf_type}: the super-blocks of method {text!r} fit {kind} (exact); "
                                + BITS_NOTE)
         return stages
-    if len(rest) > 1 or not isinstance(first, (RTN, GPTQ, Mixed)) or isinstance(first, KMixed):
+    if len(rest) > 1 or first.gguf_form != "codes":
         raise LmembedError(f"method {text!r} stores token_embd in a form no GGUF block type holds; " + BITS_NOTE)
     group = first.group or n
-    widths = first.choices if isinstance(first, Mixed) else (first.bits,)
-    parts = [SimpleNamespace(bits=b, grid=first.grid, group_size=group) for b in widths]
+    parts = [SimpleNamespace(bits=b, grid=first.grid, group_size=group) for b in first.code_widths()]
     if gguf_type is not None or len(parts) == 1 or group % 32 or n % 32:  # mixed may end up with one width
         resolve_codes(parts, n, text, gguf_type)
     return stages
@@ -407,6 +394,8 @@ def _load_model(src: Path):
 
 
 def _check_dst(src: Path, dst: Path, force: bool) -> None:
+    if dst.is_symlink() and not dst.exists():
+        raise LmembedError(f"dst {dst}: is a link to {os.readlink(dst)}, which does not exist")
     if dst.exists() and dst.resolve() == src.resolve():
         raise LmembedError(f"dst {dst}: is the source file; write the compressed model to a new file")
     if dst.is_dir():
@@ -478,13 +467,14 @@ def compress_gguf(src: str | os.PathLike, method: MethodSpec | None, dst: str | 
 
 def _write(f: GGUFFile, dst: Path, new: dict[str, OutTensor], kv_new: dict[str, bytes | None]) -> None:
     """The source file with the `new` tensors and metadata entries (None: dropped), through a
-    temporary file in dst's folder that replaces dst."""
+    temporary file in the folder of dst's real path that replaces it (only once complete)."""
     kv = [kv_new[k] if k in kv_new else f.raw(k) for k in f.entries if kv_new.get(k, b"") is not None]
     tensors = [new.get(t.name) or OutTensor(t.name, t.shape, t.ggml, f.stored(t)) for t in f.tensors]
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    real = real_path(dst)  # a link is written through: its target is replaced, the link stays a link
+    tmp = real.with_name(f".{real.name}.tmp{os.getpid()}")
     try:
         write_gguf(tmp, f.version, f.alignment, kv, tensors)
-        os.replace(tmp, dst)
+        os.replace(tmp, real)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -652,7 +642,7 @@ def _encode(f: GGUFFile, tensor: Any, module: CompressedEmbedding, text: str, gg
 def max_error(t: OutTensor, want: CompressedEmbedding | np.ndarray, chunk: int = 16384) -> float:
     """max |decoded rows of `t` (the gguf package's decoder) - the wanted rows| (lmembed's matrix
     or a float array), a chunk of rows at a time (bounded memory)."""
-    gguf, err = _gguf(), 0.0
+    gguf, err = gguf_package(), 0.0
     for s in range(0, t.data.shape[0], chunk):
         got = gguf.quants.dequantize(np.ascontiguousarray(t.data[s: s + chunk]), gguf.GGMLQuantizationType(t.ggml))
         rows = (want[s: s + chunk] if isinstance(want, np.ndarray) else

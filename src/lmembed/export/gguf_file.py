@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LmembedError
-from .blocks import TYPE_BY_NUMBER, _gguf
+from .blocks import TYPE_BY_NUMBER, gguf_package
 
 EMBD, OUTPUT = "token_embd.weight", "output.weight"
 GGUF_MAGIC = b"GGUF"
@@ -55,7 +55,7 @@ class TensorInfo:
         t = TYPE_BY_NUMBER.get(self.ggml)
         if t is not None:
             return t.name
-        gguf = _gguf()
+        gguf = gguf_package()
         return gguf.GGMLQuantizationType(self.ggml).name
 
 
@@ -218,7 +218,7 @@ class GGUFFile:
 
     def decode(self, t: TensorInfo) -> np.ndarray:
         """A matrix tensor as float32 rows x ne0 (the gguf package's decoders)."""
-        gguf = _gguf()
+        gguf = gguf_package()
         try:
             out = gguf.quants.dequantize(np.asarray(self.stored(t)), gguf.GGMLQuantizationType(t.ggml))
         except NotImplementedError:
@@ -243,7 +243,7 @@ def tensor_nbytes(shape: tuple[int, ...], ggml: int, name: str) -> int:
     if t is not None:
         block, nbytes = t.block, t.nbytes
     else:
-        gguf = _gguf()
+        gguf = gguf_package()
         try:
             block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml)]
         except (ValueError, KeyError):

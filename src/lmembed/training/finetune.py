@@ -44,8 +44,6 @@ from ..common.locks import holds_lock
 from ..common.report import fmt, markdown_table, plot_curves, write_text
 from ..common.runtime import pick_device, seed_everything
 from ..compression.formats.base import CompressedEmbedding
-from ..compression.formats.dense import DenseEmbedding, FactorizedEmbedding
-from ..compression.formats.quantized import QuantizedEmbedding
 from ..compression.integration.open import open_model
 from ..config import EMBEDDING_MODES, FinetuneConfig
 from ..errors import LmembedError
@@ -110,11 +108,12 @@ def pool(h: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
 
 
 # --- what the embeddings may learn ---------------------------------------------------------------
-def quantized_parts(module: nn.Module) -> list[QuantizedEmbedding]:
-    return [m for m in module.modules() if isinstance(m, QuantizedEmbedding)]
+def scaled_parts(module: nn.Module) -> list[CompressedEmbedding]:
+    """The compressed modules inside `module` whose fp16 scales may train (tunable_scales)."""
+    return [m for m in module.modules() if isinstance(m, CompressedEmbedding) and m.tunable_scales]
 
 
-def unfreeze_scales(q: QuantizedEmbedding) -> None:
+def unfreeze_scales(q: CompressedEmbedding) -> None:
     """Turn the fp16 scale buffer into an fp32 Parameter (Adam's state cannot live in fp16)."""
     if isinstance(q.scales, nn.Parameter):
         return
@@ -123,7 +122,7 @@ def unfreeze_scales(q: QuantizedEmbedding) -> None:
     q.scales = nn.Parameter(s)
 
 
-def freeze_scales(q: QuantizedEmbedding) -> None:
+def freeze_scales(q: CompressedEmbedding) -> None:
     """Back to the stored form: an fp16 buffer (what lmembed.save writes and stored_bytes counts)."""
     if not isinstance(q.scales, nn.Parameter):
         return
@@ -137,15 +136,16 @@ def set_embedding_training(encoder: nn.Module, mode: str, train_scales: bool = T
     emb = encoder.get_input_embeddings()
     emb.requires_grad_(mode == "train")
     if mode == "train" and train_scales:
-        for q in quantized_parts(emb):
+        for q in scaled_parts(emb):
             unfreeze_scales(q)
     if mode == "decoder":
-        if isinstance(emb, (nn.Embedding, DenseEmbedding)):
+        plain = emb.plain_parameter() is not None if isinstance(emb, CompressedEmbedding) else isinstance(
+            emb, nn.Embedding)
+        if plain:
             emb.requires_grad_(True)  # no decoder: a dense matrix is fine-tuned as usual
-        for f in (m for m in emb.modules() if isinstance(m, FactorizedEmbedding)):  # also inside containers
-            f.decoder.requires_grad_(True)
-            if f.bias is not None:
-                f.bias.requires_grad_(True)
+        for part in (m for m in emb.modules() if isinstance(m, CompressedEmbedding)):  # also inside containers
+            for p in part.decoder_parameters():
+                p.requires_grad_(True)
     trainable = [n for n, p in emb.named_parameters() if p.requires_grad]
     return {"mode": mode, "trainable": trainable,
             "trainable_params": sum(p.numel() for p in emb.parameters() if p.requires_grad)}
@@ -278,7 +278,7 @@ def train_seed(model_spec: str | Path, task: TextTask, cfg: FinetuneConfig, seed
                   tok.pad_token_id if tok.pad_token_id is not None else 0, cfg, device)
     t0 = time.perf_counter()
     history, steps = _fit(run, seed, progress, log)
-    for q in quantized_parts(encoder.get_input_embeddings()):
+    for q in scaled_parts(encoder.get_input_embeddings()):
         freeze_scales(q)  # score the stored (fp16) form
     final = {f"{s}_{k}": v for s in ("valid", "test") for k, v in run.score(s).items()}
     seconds = time.perf_counter() - t0
@@ -368,7 +368,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _settings(model_spec: str | Path, task: TextTask, cfg: FinetuneConfig) -> dict[str, Any]:
+def finetune_settings(model_spec: str | Path, task: TextTask, cfg: FinetuneConfig) -> dict[str, Any]:
     return json.loads(json.dumps({"model": str(model_spec), "task": task.summary(), "config": cfg.to_dict()}))
 
 
@@ -408,7 +408,7 @@ def finetune(model: str | Path, task: str | TextTask, out: str | Path, *, config
         task = load_task(task, split_seed=split_seed, log=log, **(task_options or {}))
     task = task.limit_train(cfg.max_train, seed=split_seed)
     out = Path(out)
-    open_run_dir(out, _settings(model, task, cfg), force=force, what="finetune run")
+    open_run_dir(out, finetune_settings(model, task, cfg), force=force, what="finetune run")
     results = []
     for seed in seeds:
         path = out / "seeds" / f"seed-{seed}.json"

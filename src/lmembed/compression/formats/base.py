@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._version import __version__
 from ...errors import LmembedError
 from . import kernels
 from .kernels import Layout
@@ -36,6 +37,11 @@ class CompressedEmbedding(nn.Module):
     """Base class: a (num_embeddings x embedding_dim) matrix in some stored form."""
 
     kind: str = "base"
+    # The version of this kind's stored form (its spec's fields and its tensors), written in every
+    # spec as "version": a kind whose stored form changes so that an older lmembed would misread it
+    # bumps it, and an lmembed that meets a newer version refuses the save (check_version). Every
+    # registered kind declares its own (register_module checks), so a subclass never inherits one.
+    FORMAT_VERSION: int = 1
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, scale: float = 1.0):
         super().__init__()
@@ -66,6 +72,47 @@ class CompressedEmbedding(nn.Module):
         """The reconstructed V x d matrix (float32). For analysis and error metrics only."""
         return self.lookup(torch.arange(self.num_embeddings, device=self.device)).float()
 
+    # -- what the kind answers for itself -----------------------------------------------------
+    # Export, training and the methods ask these instead of testing a module's class, so a new kind
+    # declares them in its own file. They return data only: export/gguf.py does the GGUF packing.
+
+    # How a GGUF block type holds this kind as stored: "plain" (a float matrix: the source tensor's
+    # rows copied, or rounded into any type), "codes" (integer codes with an fp16 scale per group,
+    # carried bit for bit where a type holds them: gguf_parts), "superblock" (K-quant super-blocks);
+    # None: no block type holds it.
+    gguf_form: str | None = None
+    # Whether the kind keeps fp16 per-group `scales` that may be tuned while its codes stay codes
+    # (fine-tuning's train_scales, kl's scale steps).
+    tunable_scales: bool = False
+
+    def gguf_parts(self) -> list[tuple[CompressedEmbedding, torch.Tensor | None]]:
+        """The modules whose stored codes GGUF blocks carry, each with the rows of this matrix it holds
+        (a boolean mask; None: every row, in order): the module itself unless its rows are in classes."""
+        return [(self, None)]
+
+    def split_vocabulary(self) -> tuple[CompressedEmbedding, torch.Tensor | None]:
+        """(the matrix over the kept rows, the kept original token ids) for a trimmed vocabulary;
+        (self, None) for every other kind."""
+        return self, None
+
+    def plain_parameter(self) -> nn.Parameter | None:
+        """The Parameter of a matrix stored plain (nothing compressed), else None."""
+        return None
+
+    def plain_codes(self) -> torch.Tensor | None:
+        """The V x k codes of a factorisation when they are stored plain (what a row quantiser that
+        follows it quantises, keeping the decoder), else None."""
+        return None
+
+    def with_codes(self, codes: CompressedEmbedding) -> CompressedEmbedding:
+        """The same matrix around new codes (kinds whose plain_codes() is not None)."""
+        raise NotImplementedError(f"a {self.kind} module has no codes to replace")
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """This module's own decoder, not its parts': what fine-tuning's 'decoder' protocol trains in
+        it while the codes stay frozen (a factorisation's decoder and bias); none by default."""
+        return []
+
     # -- bookkeeping --------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -94,8 +141,9 @@ class CompressedEmbedding(nn.Module):
                    if k not in ("_parameters", "_buffers", "_modules"))
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "scale": self.scale, "method": self.method, "out_dtype": str(self.out_dtype).removeprefix("torch.")}
+        return {"kind": self.kind, "version": type(self).FORMAT_VERSION, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "scale": self.scale, "method": self.method,
+                "out_dtype": str(self.out_dtype).removeprefix("torch.")}
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.stored_bytes():,} bytes"
@@ -252,6 +300,10 @@ MODULE_KINDS: dict[str, type[CompressedEmbedding]] = {}
 
 
 def register_module(cls: type[CompressedEmbedding]) -> type[CompressedEmbedding]:
+    version = vars(cls).get("FORMAT_VERSION")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise TypeError(f"compressed module kind {cls.kind!r} ({cls.__name__}) must declare its own FORMAT_VERSION, "
+                        "an integer >= 1")
     MODULE_KINDS[cls.kind] = cls
     return cls
 
@@ -295,12 +347,25 @@ def concat_rows(parts: list[CompressedEmbedding]) -> CompressedEmbedding:
     return module
 
 
+def check_version(spec: dict[str, Any]) -> None:
+    """The spec's format version is one this lmembed reads: a spec without one (saves from before
+    versions were written) is version 1; a newer one than the kind's FORMAT_VERSION is refused."""
+    kind, version = spec.get("kind"), spec.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise LmembedError(f"compressed module spec of kind {kind!r}: version = {version!r}; expected an integer >= 1")
+    supported = MODULE_KINDS[kind].FORMAT_VERSION
+    if version > supported:
+        raise LmembedError(f"compressed module kind {kind!r} is stored in format version {version}, but lmembed "
+                           f"{__version__} reads {kind!r} up to version {supported}: upgrade lmembed to load this save")
+
+
 def build_module(spec: dict[str, Any]) -> CompressedEmbedding:
     """An empty module of the right kind and shapes, to load saved tensors into."""
     check_spec(spec)
     kind = spec.get("kind")
     if kind not in MODULE_KINDS:
         raise LmembedError(f"unknown compressed module kind {kind!r}: expected one of {', '.join(MODULE_KINDS)}")
+    check_version(spec)
     try:
         module = MODULE_KINDS[kind].empty(spec)
     except (KeyError, TypeError, ValueError, IndexError) as e:

@@ -22,6 +22,8 @@ class DenseEmbedding(CompressedEmbedding):
     """A plain matrix (the codes of a factorisation, or a trimmed vocabulary)."""
 
     kind = "dense"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
+    gguf_form = "plain"
 
     def __init__(self, weight: torch.Tensor, *, scale: float = 1.0):
         super().__init__(weight.shape[0], weight.shape[1], scale=scale)
@@ -52,6 +54,9 @@ class DenseEmbedding(CompressedEmbedding):
     def dense(self) -> torch.Tensor:
         return self.weight.detach().float()
 
+    def plain_parameter(self) -> nn.Parameter:
+        return self.weight
+
 
 @register_module
 class FactorizedEmbedding(CompressedEmbedding):
@@ -59,6 +64,7 @@ class FactorizedEmbedding(CompressedEmbedding):
     quantised), decoder k x d, optional bias d (the autoencoder's decoder has one)."""
 
     kind = "factorized"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
 
     def __init__(self, codes: CompressedEmbedding | torch.Tensor, decoder: torch.Tensor,
                  bias: torch.Tensor | None = None, *, scale: float = 1.0):
@@ -91,3 +97,12 @@ class FactorizedEmbedding(CompressedEmbedding):
         if self.bias is not None:
             out = out + (h @ self.bias.to(h.dtype)).unsqueeze(-1)
         return out
+
+    def plain_codes(self) -> torch.Tensor | None:
+        return self.codes.plain_parameter()
+
+    def with_codes(self, codes: CompressedEmbedding) -> FactorizedEmbedding:
+        return FactorizedEmbedding(codes, self.decoder.detach(), self.bias.detach() if self.bias is not None else None)
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return [self.decoder] + ([self.bias] if self.bias is not None else [])

@@ -21,6 +21,7 @@ class GroupedEmbedding(Container):
     block after block (block b holds rows order[start_b:end_b])."""
 
     kind = "grouped"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
 
     def __init__(self, order: torch.Tensor, blocks: list[CompressedEmbedding]):
         sizes = [b.num_embeddings for b in blocks]

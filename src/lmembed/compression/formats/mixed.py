@@ -38,6 +38,8 @@ class MixedQuantizedEmbedding(IndexedEmbedding, PackedRows):
     """Rows quantised at different widths: one QuantizedEmbedding per width + a row -> width map."""
 
     kind = "mixed"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
+    gguf_form = "codes"  # each width class's codes, rows back in place (gguf_parts)
 
     def __init__(self, parts: list[QuantizedEmbedding], row_class: torch.Tensor, *, scale: float = 1.0):
         super().__init__(len(row_class), parts[0].embedding_dim, scale=scale)
@@ -102,6 +104,10 @@ class MixedQuantizedEmbedding(IndexedEmbedding, PackedRows):
                     out[s : s + LOGIT_POSITIONS, r] = part.logits(h[s : s + LOGIT_POSITIONS])
         return out
 
+    def gguf_parts(self) -> list[tuple[CompressedEmbedding, torch.Tensor | None]]:
+        row_class = self.row_class
+        return [(part, row_class == c) for c, part in enumerate(self.parts)]
+
 
 MAX_CLASSES = BITS_RANGE[1] - BITS_RANGE[0] + 1
 
@@ -123,6 +129,8 @@ class MixedSuperBlockEmbedding(MixedQuantizedEmbedding):
     bit-packed row -> width map (lookups and logits as in MixedQuantizedEmbedding)."""
 
     kind = "kmixed"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
+    gguf_form = None  # a GGUF tensor has one block type, and its rows have several K-quant widths
 
     def __init__(self, parts: list[SuperBlockEmbedding], row_class: torch.Tensor, *, scale: float = 1.0):
         CompressedEmbedding.__init__(self, len(row_class), parts[0].embedding_dim, scale=scale)

@@ -29,6 +29,9 @@ class QuantizedEmbedding(PackedRows):
     """
 
     kind = "quantized"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
+    gguf_form = "codes"
+    tunable_scales = True
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, *, bits: int, group_size: int,
                  embedding_dim: int, scale: float = 1.0, grid: str = "int"):

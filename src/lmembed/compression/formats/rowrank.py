@@ -36,6 +36,7 @@ class RowRankEmbedding(IndexedEmbedding):
     """E_v = codes_v @ decoder[:ranks[v]] (see the module doc)."""
 
     kind = "rowrank"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
 
     def __init__(self, codes: torch.Tensor, ranks: torch.Tensor, decoder: torch.Tensor, *, scale: float = 1.0):
         super().__init__(len(ranks), decoder.shape[1], scale=scale)

@@ -43,6 +43,8 @@ class SuperBlockEmbedding(PackedRows):
     its row's fp16 super-scale and super-min: x = (D * a_g) * q - (M * b_g)."""
 
     kind = "superblock"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
+    gguf_form = "superblock"
 
     def __init__(self, codes: torch.Tensor, subs: torch.Tensor, supers: torch.Tensor, *, bits: int,
                  group_size: int, embedding_dim: int, scale: float = 1.0):

@@ -84,6 +84,7 @@ class TransformCodedEmbedding(IndexedEmbedding, PackedRows):
     """E ~ Z R: Z's bands stored at per-(row, band) widths, R = the int8 decoder (see module doc)."""
 
     kind = "tc"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
 
     def __init__(self, num_embeddings: int, embedding_dim: int, sizes: list[int], counts: list[list[int]], *,
                  scale: float = 1.0):

@@ -23,6 +23,7 @@ class TrimmedEmbedding(Container):
     `kept` (new id -> original id, the smallest integer dtype that fits) is bookkeeping."""
 
     kind = "trimmed"
+    FORMAT_VERSION = 1  # formats/base.py: bump when its stored form changes
 
     def __init__(self, inner: CompressedEmbedding, kept: torch.Tensor, original_vocab: int):
         super().__init__(inner.num_embeddings, inner.embedding_dim)
@@ -55,3 +56,6 @@ class TrimmedEmbedding(Container):
 
     def dense(self) -> torch.Tensor:
         return self.inner.dense()
+
+    def split_vocabulary(self) -> tuple[CompressedEmbedding, torch.Tensor]:
+        return self.inner, self.kept

@@ -74,7 +74,7 @@ QUANT_METHOD = "lmembed"  # config.json quantization_config.quant_method (lmembe
 NOTICE = "lmembed.import_lmembed_before_from_pretrained"
 
 
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def dedupe_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors that are the same view of the same storage are written once; the rest alias them."""
     first: dict[tuple, str] = {}
     unique: dict[str, torch.Tensor] = {}
@@ -91,7 +91,7 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return unique, aliases
 
 
-def _model_dtype(model: nn.Module) -> str:
+def model_dtype(model: nn.Module) -> str:
     """dtype of the model's own (uncompressed) floating-point parameters."""
     skip = {id(p) for m in model.modules() if isinstance(m, CompressedEmbedding) for p in m.parameters()}
     for p in model.parameters():
@@ -156,7 +156,7 @@ def _write_compressed(model: nn.Module, tmp: Path) -> dict[str, Any]:
     found = compressed_modules(model)
     modules = [{"spec": m.spec(), "input_paths": ins, "head_paths": heads, "stored_bytes": m.stored_bytes()}
                for m, ins, heads in found.values()]
-    unique, aliases = _dedupe(model.state_dict())
+    unique, aliases = dedupe_tensors(model.state_dict())
     kind = "transformers" if _transformers_config(model) is not None else "lmembed"
     sentinels = sorted({f"{p}.weight" for m in modules for p in m["input_paths"] + m["head_paths"]} - set(unique))
     if kind == "transformers":
@@ -164,7 +164,7 @@ def _write_compressed(model: nn.Module, tmp: Path) -> dict[str, Any]:
         unique.update({k: torch.zeros(1, dtype=torch.uint8) for k in sentinels})  # one byte each
     write_tensors(unique, tmp / WEIGHTS, {"format": "pt", "lmembed": str(FORMAT)})
     manifest = {"format": FORMAT, "lmembed_version": __version__, "layout": "compressed", "model_kind": kind,
-                "model_class": type(model).__name__, "dtype": _model_dtype(model), "modules": modules,
+                "model_class": type(model).__name__, "dtype": model_dtype(model), "modules": modules,
                 "aliases": aliases, "sentinels": sentinels if kind == "transformers" else [],
                 "tensors": len(unique), "embedding_bytes": sum(m["stored_bytes"] for m in modules)}
     _save_config(model, tmp, manifest)
@@ -179,7 +179,7 @@ def _write_plain(model: nn.Module, tmp: Path) -> dict[str, Any]:
     with plain_modules(model) as plain:
         plain.save_pretrained(tmp, safe_serialization=True)
     return {"format": FORMAT, "lmembed_version": __version__, "layout": "plain", "model_kind": "transformers",
-            "model_class": type(model).__name__, "dtype": _model_dtype(model),
+            "model_class": type(model).__name__, "dtype": model_dtype(model),
             "vocab": {"kept": module.kept.long().tolist(), "original_vocab": module.original_vocab},
             "modules": [], "embedding_bytes": module.stored_bytes()}
 
@@ -381,8 +381,6 @@ def _saved_tokenizer(folder: Path, manifest: dict[str, Any]) -> Any:
 def _load_plain(folder: Path, manifest: dict) -> nn.Module:
     """A standard transformers folder; the trimmed matrix goes back into a TrimmedEmbedding that
     shares its Parameter, so the model is the one that was saved (kept ids included)."""
-    from ..formats.trimmed import TrimmedEmbedding
-
     cls, _ = _config_class(folder, manifest)
     model = cls.from_pretrained(folder, dtype=getattr(torch, manifest.get("dtype", "float32")),
                                 trust_remote_code=False)
@@ -420,7 +418,8 @@ __all__ = ["save", "load", "open_save", "Saved", "read_manifest", "verify_files"
 def check_tokenizer(model: nn.Module, tokenizer: Any) -> None:
     """Saving a trimmed model with the original tokenizer would silently mis-map every id."""
     for m in model.modules():
-        if isinstance(m, TrimmedEmbedding) and tokenizer is not None and hasattr(tokenizer, "__len__"):
+        trimmed = isinstance(m, CompressedEmbedding) and m.split_vocabulary()[1] is not None
+        if trimmed and tokenizer is not None and hasattr(tokenizer, "__len__"):
             if len(tokenizer) != m.num_embeddings:
                 raise LmembedError(f"the model's vocabulary was trimmed to {m.num_embeddings} tokens but the tokenizer "
                                    f"has {len(tokenizer)}: save the remapped one (report['tokenizer'] from "

@@ -17,24 +17,26 @@ import torch
 from torch import nn
 
 from ..formats.base import CompressedEmbedding, CompressedHead
-from ..formats.dense import DenseEmbedding
-from ..formats.trimmed import TrimmedEmbedding
 from .sites import compressed_modules, drop_hf_ties, restore_hf_ties, set_module
+
+
+def trimmed_plain(module: CompressedEmbedding) -> nn.Parameter | None:
+    """The Parameter of a trimmed plain matrix (nothing but a new vocabulary), else None."""
+    inner, kept = module.split_vocabulary()
+    return inner.plain_parameter() if kept is not None else None
 
 
 def vocabulary_only(model: nn.Module) -> bool:
     """True when every compressed matrix is a trimmed plain matrix (nothing but a new vocabulary)."""
     found = compressed_modules(model)
-    return bool(found) and all(isinstance(m, TrimmedEmbedding) and isinstance(m.inner, DenseEmbedding)
-                               for m, _, _ in found.values())
+    return bool(found) and all(trimmed_plain(m) is not None for m, _, _ in found.values())
 
 
 def plain_weight(module: CompressedEmbedding) -> torch.Tensor:
     """The matrix a plain module gets: a trimmed plain matrix's own Parameter (no copy), else the
     dense reconstruction."""
-    if isinstance(module, TrimmedEmbedding) and isinstance(module.inner, DenseEmbedding):
-        return module.inner.weight
-    return module.dense().to(module.out_dtype)
+    weight = trimmed_plain(module)
+    return weight if weight is not None else module.dense().to(module.out_dtype)
 
 
 @contextmanager

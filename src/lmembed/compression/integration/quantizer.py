@@ -150,7 +150,7 @@ def after_loading(quantizer: Any, model: Any) -> Any:
     """The compressed tensors exactly as saved (the loader fills shared ones once, by one name),
     checked, and lookups in the dtype the model was loaded in; save_pretrained writes a manifest."""
     from ...models.skeleton import check_materialised
-    from .io import _model_dtype, compressed_state
+    from .io import compressed_state, model_dtype
     from .sites import compressed_modules
     from .verify import check_values, unchanged
 
@@ -159,7 +159,7 @@ def after_loading(quantizer: Any, model: Any) -> Any:
     state = compressed_state(path, {"sentinels": cfg.sentinels, "aliases": cfg.aliases})
     prefixes = tuple(f"{p}." for e in cfg.modules for p in e["input_paths"] + e["head_paths"])
     model.load_state_dict({k: v for k, v in state.items() if k.startswith(prefixes)}, strict=False, assign=True)
-    dtype = getattr(torch, _model_dtype(model))
+    dtype = getattr(torch, model_dtype(model))
     for module, _, _ in compressed_modules(model).values():
         module.out_dtype = dtype  # lookups in the dtype the rest of the model was loaded in
     check_materialised(model, f"{path}: the lmembed save does not match the model")
@@ -174,7 +174,7 @@ def save_with_manifest(model: Any, save_directory: str | Path, *args: Any, **kwa
     previous manifest there listed that are still as it recorded them), so the folder loads
     through either door with its checksums."""
     from ..._version import __version__
-    from .io import _model_dtype, write_manifest
+    from .io import model_dtype, write_manifest
     from .verify import FORMAT, MANIFEST, still_listed
 
     folder = Path(save_directory)
@@ -183,7 +183,7 @@ def save_with_manifest(model: Any, save_directory: str | Path, *args: Any, **kwa
     written = {n for n, ident in _identities(folder).items() if before.get(n) != ident and n != MANIFEST}
     cfg = model.hf_quantizer.quantization_config
     manifest = {"format": FORMAT, "lmembed_version": __version__, "layout": "compressed", "model_kind": "transformers",
-                "model_class": type(model).__name__, "dtype": _model_dtype(model), "modules": cfg.modules,
+                "model_class": type(model).__name__, "dtype": model_dtype(model), "modules": cfg.modules,
                 "aliases": cfg.aliases, "sentinels": cfg.sentinels, "report": None,
                 "embedding_bytes": sum(int(m.get("stored_bytes", 0)) for m in cfg.modules)}
     write_manifest(folder, manifest, sorted(written | (kept - written)))
@@ -205,9 +205,9 @@ def _identities(folder: Path) -> dict[str, tuple[int, int, int]]:
 def state_for_saving(model: Any, cfg: Any) -> dict[str, torch.Tensor]:
     """save_pretrained's tensors: each shared tensor once (its other names are aliases in the
     config), plus the sentinels that stop a plain load."""
-    from .io import _dedupe
+    from .io import dedupe_tensors
 
-    unique, _ = _dedupe(model.state_dict())
+    unique, _ = dedupe_tensors(model.state_dict())
     return {**unique, **{k: torch.zeros(1, dtype=torch.uint8) for k in cfg.sentinels}}
 
 

@@ -168,7 +168,10 @@ def _gptq_chunk(chunk: torch.Tensor, u: torch.Tensor, bits: int, group: int, blo
 
 class GPTQ(Method):
     needs_calib = True
+    superseded_by = ("tc (PyTorch, same kernels) and calibrated GGUF rounding (llama.cpp): both minimise the H + G "
+                     "sensitivity this older metric approximates")
     bits = 4
+    gguf_form = "codes"
     positional = (GROUP,)
     options = (MIX, DAMP, GRID, CLIP)
 
@@ -197,6 +200,7 @@ class WeightedAutoEncoder(AutoEncoder):
 
     needs_calib = True
     name = "wae"
+    superseded_by = "wsvd: lower perplexity cost at every rank measured, in seconds instead of epochs"
     summary = "calibrated direction-aware autoencoder: ae in the whitened space, rows weighted (needs calib)"
     options = (*(a for a in AutoEncoder.options if a.name not in ("init", "epochs", "refit")),
                Arg("init", init_name, "svd", "svd (the weighted SVD solution) or random"),

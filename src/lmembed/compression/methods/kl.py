@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from ...errors import LmembedError
 from ..calibration.sensitivity import need_calib
 from ..formats.base import CompressedEmbedding
-from ..formats.quantized import QuantizedEmbedding
 from ..registry import Arg, FitContext, Method, non_negative_float, positive_float, positive_int, register
 
 
@@ -30,6 +29,7 @@ class KLFinetune(Method):
     name = "kl"
     summary = "calibration fine-tune of the previous stage's scales/factors (KL to the original next-token dist.)"
     whole_module = True
+    keeps_form = True  # tunes scales and factors in place: codes stay codes
     positional = (Arg("steps", positive_int, required=True),)
     options = (
         Arg("lr", positive_float, 5e-3, "Adam learning rate of the log-scales (a relative step)"),
@@ -128,7 +128,7 @@ class KLFinetune(Method):
                   for p in module.parameters()]
         quantized = []
         for m in module.modules():
-            if isinstance(m, QuantizedEmbedding):
+            if isinstance(m, CompressedEmbedding) and m.tunable_scales:
                 theta = torch.zeros(m.scales.shape, requires_grad=True)
                 quantized.append((m, m.scales.float().clone(), theta))
                 groups.append({"params": [theta], "lr": lr})

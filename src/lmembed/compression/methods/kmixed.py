@@ -19,7 +19,7 @@ from ..formats.mixed import MixedSuperBlockEmbedding, map_bits
 from ..formats.superblock import BITS_RANGE, SuperBlockEmbedding, row_bytes
 from ..registry import Arg, bool_flag, group_size, non_negative_int, positive_float, register
 from .calibrated import DAMP, FLOOR, MIX
-from .mixed import Mixed, _choices
+from .mixed import Mixed, width_choices
 from .superblock import gptq_superblock, quantize_superblock
 
 
@@ -27,12 +27,14 @@ from .superblock import gptq_superblock, quantize_superblock
 class KMixed(Mixed):
     needs_calib = True
     name = "kmixed"
+    gguf_form = None  # rows of several kq widths: no one block type holds them
+    superseded_by = ""  # first-class: mixed's successor
     summary = ("mixed-precision super-block rows (calibrated): AVG stored bits per value, each row a kqB width "
                "chosen by its calibrated cost")
     positional = (Arg("avg", positive_float, required=True, help="stored bits per matrix value, everything counted"),
                   Arg("group", group_size, 32, "gG: columns per 6-bit sub-scale and sub-min (default g32)"))
     options = (
-        Arg("choices", _choices, (2, 3, 4, 5, 6), "allowed widths (2..8), e.g. 3-4-6"),
+        Arg("choices", width_choices, (2, 3, 4, 5, 6), "allowed widths (2..8), e.g. 3-4-6"),
         Arg("gptq", bool_flag, False, "round each width's codes against the calibration metric with error feedback"),
         Arg("search", non_negative_int, 5, "candidate scales tried per group by the kq fit"),
         MIX, DAMP, FLOOR,

@@ -28,14 +28,14 @@ from .calibrated import DAMP, FLOOR, MIX, gptq_rows
 from .quantize import CLIP, FIT_ROWS, GRID
 
 
-def _choices(s: str) -> tuple[int, ...]:
+def width_choices(s: str) -> tuple[int, ...]:
     bits = tuple(sorted({int(b) for b in s.replace("/", "-").split("-") if b}))
     if not bits or any(not 1 <= b <= 8 for b in bits):
         raise ValueError("expected widths between 1 and 8 joined by '-', e.g. 3-4-8")
     return bits
 
 
-_choices.show = lambda v: "-".join(map(str, v))  # type: ignore[attr-defined]
+width_choices.show = lambda v: "-".join(map(str, v))  # type: ignore[attr-defined]
 
 
 def row_costs(weight: torch.Tensor, quantized: QuantizedEmbedding, row_weight: torch.Tensor,
@@ -53,16 +53,21 @@ def row_costs(weight: torch.Tensor, quantized: QuantizedEmbedding, row_weight: t
 class Mixed(Method):
     needs_calib = True
     name = "mixed"
+    gguf_form = "codes"  # one QuantizedEmbedding per width (code_widths: the widths it may choose)
+    superseded_by = "kmixed (encoders) and tc (models with an output layer) at every budget measured"
     summary = "mixed-precision rows (calibrated): AVG stored bits per value, widths chosen by token sensitivity"
     positional = (Arg("avg", positive_float, required=True, help="stored bits per matrix value, codes + scales + map"),
                   Arg("group", group_size, 32, "gG: columns per fp16 scale (default g32)"))
     options = (
-        Arg("choices", _choices, (2, 3, 4, 8), "allowed widths, e.g. 3-4-8"),
+        Arg("choices", width_choices, (2, 3, 4, 8), "allowed widths, e.g. 3-4-8"),
         MIX, DAMP, FLOOR, GRID, CLIP,
     )
 
     def makes(self, given: str) -> str:
         return "tunable"
+
+    def code_widths(self) -> tuple[int, ...]:
+        return tuple(self.choices)
 
     def check_args(self) -> None:
         if self.avg <= min(self.choices):

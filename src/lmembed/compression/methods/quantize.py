@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from ...errors import LmembedError
 from ..formats.base import CompressedEmbedding
 from ..formats.bits import GRIDS, from_codes, pack_bits, to_codes, top_level
-from ..formats.dense import DenseEmbedding, FactorizedEmbedding
 from ..formats.quantized import QuantizedEmbedding
 from ..registry import Arg, FitContext, Method, bool_flag, choice, group_size, register
 
@@ -43,10 +42,9 @@ class RowQuantizer(Method):
         return "tunable"
 
     def apply(self, module: CompressedEmbedding, ctx: FitContext) -> CompressedEmbedding:
-        if isinstance(module, FactorizedEmbedding) and isinstance(module.codes, DenseEmbedding):
-            codes = self.fit(module.codes.weight.detach(), ctx)
-            return FactorizedEmbedding(codes, module.decoder.detach(),
-                                       module.bias.detach() if module.bias is not None else None)
+        codes = module.plain_codes()
+        if codes is not None:
+            return module.with_codes(self.fit(codes.detach(), ctx))
         return super().apply(module, ctx)
 
 
@@ -54,6 +52,7 @@ class RTN(RowQuantizer):
     """Symmetric per-row (default) or per-group scales in fp16; `intB:gG` sets the group size."""
 
     bits = 8
+    gguf_form = "codes"
     positional = (GROUP,)
     options = (GRID, CLIP)
 
@@ -69,6 +68,7 @@ class RTN(RowQuantizer):
 Int8, Int4, Int3, Int2 = (
     width_variant(RTN, f"Int{b}", f"int{b}", b, f"round-to-nearest {b}-bit codes, fp16 scale per row or per group "
                   "of G columns") for b in (8, 4, 3, 2))
+Int2.superseded_by = "kq2 and tc:2 (no bench reports int2 on top at any budget)"
 
 
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)

@@ -246,6 +246,7 @@ class SuperBlockQuant(RowQuantizer):
     Calibration-free and deterministic."""
 
     bits = 4
+    gguf_form = "superblock"
     positional = (Arg("group", group_size, 32, "gG: columns per group (default g32)"),)
     options = (
         Arg("search", non_negative_int, 21, "candidate scales tried per group (0: the group's min and max only)"),
@@ -272,3 +273,4 @@ KQ2, KQ3, KQ4, KQ5, KQ6, KQ7, KQ8 = (
                   f"super-block {b}-bit asymmetric codes per group of G columns (default g32), 6-bit sub-scales and "
                   f"sub-mins, fp16 super-scale and super-min per row: {b} + 12/G + 32/d bits per value")
     for b in range(2, 9))
+KQ7.superseded_by = "kq6 and kq8 (no bench reports kq7 on top at any budget)"

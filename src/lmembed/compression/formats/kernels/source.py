@@ -403,6 +403,16 @@ int lm_logits(const lm_segment *sg, int nseg, int64_t V, int64_t d, const float 
     return failed;
 }
 
+/* A thread's scratch for fmt_decode (2d + 16 floats); NULL, with *failed set, when there is no memory. */
+static float *decode_scratch(int64_t d, int *failed) {
+    float *q = malloc(sizeof(float) * (2 * d + 16));
+    if (!q) {
+        #pragma omp atomic write
+        *failed = 1;
+    }
+    return q;
+}
+
 /* Rows v0 .. v0+n-1 as floats into out (n x d); 0 on success. */
 int lm_decode(const lm_segment *sg, int nseg, int64_t V, int64_t d, int64_t v0, int64_t n, float *out,
               int threads) {
@@ -411,11 +421,7 @@ int lm_decode(const lm_segment *sg, int nseg, int64_t V, int64_t d, int64_t v0, 
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        float *q = malloc(sizeof(float) * (2 * d + 16));
-        if (!q) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        float *q = decode_scratch(d, &failed);
         #pragma omp for schedule(static)
         for (int64_t ch = c0; ch < c1; ch++) {
             if (!q) continue;
@@ -441,11 +447,7 @@ int lm_gather(const lm_segment *sg, int nseg, int64_t d, const int64_t *ids, int
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
-        float *q = malloc(sizeof(float) * (2 * d + 16));
-        if (!q) {
-            #pragma omp atomic write
-            failed = 1;
-        }
+        float *q = decode_scratch(d, &failed);
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i++) {
             if (!q) continue;
