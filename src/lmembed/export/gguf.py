@@ -44,13 +44,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..common.files import real_path
 from ..compression.api import MethodSpec, check_method, compress
 from ..compression.formats.base import CompressedEmbedding, CompressedHead
 from ..compression.formats.bits import unpack_bits
 from ..compression.formats.quantized import QuantizedEmbedding
 from ..compression.formats.superblock import SUB_BITS, SuperBlockEmbedding
 from ..compression.registry import pipeline_text
-from ..common.files import real_path
 from ..errors import LmembedError
 from .block_fit import encode_matrix
 from .blocks import BLOCK_TYPES, BlockType, Coded, check_type, gguf_package, pack, pack_blocks, types_for_row
