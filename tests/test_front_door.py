@@ -182,3 +182,18 @@ def test_info_lists_the_bundled_models(capsys):
     assert "bundled models" in out
     for name, m in BUNDLED_MODELS.items():
         assert f"  {name} " in out and m.description in out
+
+
+def test_library_bars_follow_lmembeds_rule(capsys):
+    """transformers' GGUF conversion uses a bare tqdm bar: off in a pipe or a log, on when asked."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from lmembed.common.steps import library_bars
+
+    original = gguf_utils.tqdm
+    with library_bars(False):
+        list(gguf_utils.tqdm(range(3), desc="CONVERTING"))
+    assert "CONVERTING" not in capsys.readouterr().err and gguf_utils.tqdm is original
+    with library_bars(True):
+        list(gguf_utils.tqdm(range(3), desc="CONVERTING"))
+    assert "CONVERTING" in capsys.readouterr().err

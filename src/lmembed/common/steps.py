@@ -25,6 +25,28 @@ def bars_wanted(progress: bool | None, quiet: bool = False, stream: TextIO | Non
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+@contextmanager
+def library_bars(show: bool | None = None) -> Iterator[None]:
+    """transformers' GGUF conversion draws a bare tqdm bar that none of its switches reach: within
+    this block it follows lmembed's rule (on a terminal only, unless `show` says otherwise)."""
+    show = bars_wanted(None) if show is None else show
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    if show or gguf_utils is None or not hasattr(gguf_utils, "tqdm"):
+        yield
+        return
+    import functools
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def seconds(s: float) -> str:
     """A duration as people read it: 0.4 s, 12 s, 2 min 05 s."""
     if s < 10:

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..common.cache import files_problem, files_record, note
 from ..common.files import read_json
+from ..common.steps import library_bars
 from ..data.bundled import package_dir
 from ..errors import LmembedError
 
@@ -151,8 +152,10 @@ def _convert(m: BundledModel, gguf: Path, out: Path, inputs: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+        with library_bars():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         trust_remote_code=False)
     except ImportError as e:
         raise LmembedError(f"loading {m.name} needs extra packages: {m.install_hint} ({e})") from None
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -235,8 +238,9 @@ def load_pretrained(spec: str, *, task: str = "auto", device: str = "cpu", **kwa
     cls = _task_class(folder, gguf, task)
     extra = {"gguf_file": gguf} if gguf else {}
     try:
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **extra)
-        model = cls.from_pretrained(folder, trust_remote_code=False, **extra, **kwargs)
+        with library_bars():
+            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **extra)
+            model = cls.from_pretrained(folder, trust_remote_code=False, **extra, **kwargs)
     except OSError as e:
         raise LmembedError(
             f"{spec}: cannot load model ({_first_line(e)}); give a local folder, a bundled name "
