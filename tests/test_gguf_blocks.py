@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmembed.errors import LmembedError
 from lmembed.export import compress_gguf, read_token_embd
@@ -243,6 +245,27 @@ def test_malformed_gguf_is_refused_in_one_line_naming_the_field(tiny256, tmp_pat
                           str(tmp_path / "o.gguf")], capture_output=True, text=True)
     assert out.returncode != 0 and out.stderr.strip().splitlines() == [f"lmembed: error: {e.value}"]
 
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=4))
+def test_fuzzed_gguf_metadata_loads_or_is_one_line(tiny256, tmp_path, edits):
+    """Any bytes of the header, metadata and tensor infos changed: the reader gives a file whose
+    tensors all lie within it, or one LmembedError line naming the file; never another exception."""
+    raw = bytearray(tiny256["tied"].read_bytes())
+    f = GGUFFile(tiny256["tied"])
+    end = f.data_start if hasattr(f, "data_start") else min(t.offset for t in f.tensors)
+    for where, value in edits:
+        raw[int(where * end)] = value
+    bad = tmp_path / "fuzz.gguf"
+    bad.write_bytes(bytes(raw))
+    try:
+        g = GGUFFile(bad)
+    except LmembedError as e:
+        assert "\n" not in str(e) and str(bad) in str(e), str(e)
+        return
+    for t in g.tensors:
+        assert 0 < t.nbytes and len(np.asarray(g.stored(t)).reshape(-1).view(np.uint8)) == t.nbytes
 
 def test_export_of_a_gguf_file_says_what_to_do(tiny256, tmp_path):
     out = subprocess.run([sys.executable, "-m", "lmembed", "export", str(tiny256["tied"]), "--format", "hf", "--out",

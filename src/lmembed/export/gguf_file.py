@@ -59,6 +59,13 @@ class TensorInfo:
         return gguf.GGMLQuantizationType(self.ggml).name
 
 
+def shown(text: str, limit: int = 300) -> str:
+    """Text from a file as one readable line: control characters escaped, long runs cut (a corrupt
+    length field can turn kilobytes of binary into a 'key')."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
 class GGUFFile:
     """A GGUF file read in place (memory-mapped): metadata parsed, tensor data left on disk."""
 
@@ -103,7 +110,7 @@ class GGUFFile:
         self._check_data(size)
 
     def _bad(self, what: str) -> LmembedError:
-        return LmembedError(f"{self.what} {self.path}: {what}; not a valid GGUF file (nothing was read past it)")
+        return LmembedError(f"{self.what} {self.path}: {shown(what)}; not a valid GGUF file (nothing was read past it)")
 
     def _entry(self, pos: int, i: int, size: int) -> int:
         """Parse metadata entry number i at `pos`; returns where the next one starts. Counts are
@@ -176,6 +183,8 @@ class GGUFFile:
             for _ in range(count):
                 (n,) = struct.unpack_from("<Q", self.buf, pos)
                 pos += 8 + n
+                if pos > len(self.buf):  # before the next read: a huge length must not become an offset
+                    raise ValueError(f"a string of {n:,} bytes runs past the end of the file")
         elif vtype in SCALAR_FORMATS:
             pos += count * struct.calcsize(SCALAR_FORMATS[vtype])
         else:
