@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..compression.methods.gptq import gptq_columns
 from ..errors import LmembedError
 from .block_fit import FIT_ROWS, choose_rows, fit_rows, rtn_codes
 from .blocks import BLOCK_TYPES, BlockType, Coded, fp16, pack, types_for_row
@@ -82,23 +83,15 @@ def gptq(x: torch.Tensor, c: Coded, metric: Metric) -> Coded:
     order = metric.order
     a, b = (p[:, order] for p in _per_value(c))
     inv = torch.where(a != 0, 1.0 / torch.where(a != 0, a, 1.0), 0.0)
-    w = x[:, order].clone()
-    u = metric.u
-    r, n = w.shape
-    q = torch.empty(r, n, dtype=torch.int16)
-    for i1 in range(0, n, GPTQ_BLOCK):
-        i2 = min(i1 + GPTQ_BLOCK, n)
-        w1 = w[:, i1:i2]
-        err = torch.zeros_like(w1)
-        for j in range(i2 - i1):
-            col = i1 + j
-            code = torch.where(a[:, col] != 0, ((w1[:, j] - b[:, col]) * inv[:, col]).round(), float(c.t.zero))
-            code = code.clamp_(lo, hi)
-            q[:, col] = code.to(torch.int16)
-            e = (w1[:, j] - (a[:, col] * code + b[:, col])) / u[col, col]
-            w1[:, j:] -= e[:, None] * u[col, col:i2][None, :]
-            err[:, j] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+    q = torch.empty(x.shape, dtype=torch.int16)
+
+    def round_column(col: int, w1: torch.Tensor, j: int) -> torch.Tensor:
+        code = torch.where(a[:, col] != 0, ((w1[:, j] - b[:, col]) * inv[:, col]).round(), float(c.t.zero))
+        code = code.clamp_(lo, hi)
+        q[:, col] = code.to(torch.int16)
+        return a[:, col] * code + b[:, col]
+
+    gptq_columns(x[:, order].clone(), metric.u, GPTQ_BLOCK, round_column)
     back = torch.empty_like(q)
     back[:, order] = q
     return Coded(c.t, back, c.d, c.m, c.sc, c.mn)

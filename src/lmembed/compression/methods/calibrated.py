@@ -24,6 +24,7 @@ from ..formats.rowrank import RANK_BYTES, RowRankEmbedding
 from ..registry import Arg, FitContext, Method, bool_flag, choice, fraction, non_negative_float, positive_int, register
 from .allocation import allocate
 from .autoencoder import AutoEncoder, init_name
+from .gptq import gptq_columns
 from .quantize import CLIP, FIT_ROWS, GRID, GROUP, check_group, group_scales, width_variant
 from .svd import GRAM_ROWS, check_rank, gram_matrix, top_right_singular_vectors
 
@@ -142,27 +143,20 @@ def _gptq_chunk(chunk: torch.Tensor, u: torch.Tensor, bits: int, group: int, blo
                 clip: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed codes, fp16 scales) of some rows; blocks of columns never split a group."""
     v, d = chunk.shape
-    w = chunk.float().cpu().clone()
     scales = torch.zeros(v, math.ceil(d / group), dtype=torch.float16)
     q = torch.zeros(v, d, dtype=torch.int32)
-    for i1 in range(0, d, block):
-        i2 = min(i1 + block, d)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        s = None
-        for j in range(i2 - i1):
-            col = i1 + j
-            if col % group == 0:
-                g = col // group
-                scales[:, g] = group_scales(w1[:, j : min(j + group, i2 - i1)], bits, grid, clip)
-                s = scales[:, g].float().clamp_min(torch.finfo(torch.float16).tiny)
-            code = to_codes(w1[:, j] / s, bits, grid)
-            q[:, col] = code
-            e = (w1[:, j] - from_codes(code, bits, grid) * s) / u1[j, j]
-            w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
-            err1[:, j] = e
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    scale: list[torch.Tensor] = []  # the current group's scale, set at its first column
+
+    def round_column(col: int, w1: torch.Tensor, j: int) -> torch.Tensor:
+        if col % group == 0:  # blocks never split a group, so the group's columns are all in w1
+            g = col // group
+            scales[:, g] = group_scales(w1[:, j : min(j + group, w1.shape[1])], bits, grid, clip)
+            scale[:] = [scales[:, g].float().clamp_min(torch.finfo(torch.float16).tiny)]
+        code = to_codes(w1[:, j] / scale[0], bits, grid)
+        q[:, col] = code
+        return from_codes(code, bits, grid) * scale[0]
+
+    gptq_columns(chunk.float().cpu().clone(), u, block, round_column)
     return pack_bits(q, bits), scales
 
 

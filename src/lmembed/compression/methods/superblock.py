@@ -20,6 +20,7 @@ from ..formats.base import CompressedEmbedding
 from ..formats.bits import pack_bits
 from ..formats.superblock import BITS_RANGE, SUB_BITS, SUB_MAX, SuperBlockEmbedding
 from ..registry import Arg, FitContext, group_size, non_negative_int
+from .gptq import gptq_columns
 from .quantize import RowQuantizer, check_group, width_variant
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -221,21 +222,15 @@ def _gptq_codes(w: torch.Tensor, s: torch.Tensor, m: torch.Tensor, u: torch.Tens
     inverse; blocks of columns are updated lazily."""
     r, d = w.shape
     nmax = (1 << bits) - 1
-    w = w.clone()
     inv = _inv(s)
     q = torch.zeros(r, d, dtype=torch.uint8)
-    for i1 in range(0, d, block):
-        i2 = min(i1 + block, d)
-        w1 = w[:, i1:i2]
-        err = torch.zeros_like(w1)
-        for j in range(i2 - i1):
-            c = i1 + j
-            code = ((w1[:, j] + m[:, c]) * inv[:, c]).round_().clamp_(0, nmax)
-            q[:, c] = code.to(torch.uint8)
-            e = (w1[:, j] - (s[:, c] * code - m[:, c])) / u[c, c]
-            w1[:, j:] -= e[:, None] * u[c, c:i2][None, :]
-            err[:, j] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+
+    def round_column(c: int, w1: torch.Tensor, j: int) -> torch.Tensor:
+        code = ((w1[:, j] + m[:, c]) * inv[:, c]).round_().clamp_(0, nmax)
+        q[:, c] = code.to(torch.uint8)
+        return s[:, c] * code - m[:, c]
+
+    gptq_columns(w.clone(), u, block, round_column)
     return q
 
 
