@@ -197,3 +197,17 @@ def test_library_bars_follow_lmembeds_rule(capsys):
     with library_bars(True):
         list(gguf_utils.tqdm(range(3), desc="CONVERTING"))
     assert "CONVERTING" in capsys.readouterr().err
+
+
+def test_eval_of_a_compressed_save_says_what_to_use_instead(tmp_path, capsys):
+    import lmembed
+    from lmembed.cli import main
+    from tiny_models import build
+
+    model = build("gpt2")
+    lmembed.compress(model, "int8")
+    lmembed.save(model, tmp_path / "save")
+    assert main(["eval", str(tmp_path / "save")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a run of `lmembed train`" in err[0] and "open_model" in err[0]
+    assert lmembed.open_model(str(tmp_path / "save")).model is not None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..common.files import write_json
 from ..common.report import markdown_table, write_text
+from ..errors import LmembedError
 from ..training.lm import evaluate_run
 from .args import progress_flag
 
@@ -23,6 +24,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    if (Path(args.run) / "lmembed.json").is_file():  # a compressed save has a manifest, a run has none
+        raise LmembedError(f"{args.run}: a compressed model saved by lmembed, not a run of `lmembed train`; "
+                           "`lmembed compress` measures its cost as it writes it (--eval-text for another text), "
+                           "and lmembed.open_model(folder) opens it for any other evaluation")
     res = evaluate_run(args.run, data=args.data, split=args.split, device=args.device, progress=bool(args.progress))
     out = Path(args.out) if args.out else Path(args.run) / f"eval-{args.split}.json"
     write_json(out, res)
