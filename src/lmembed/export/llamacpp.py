@@ -56,7 +56,7 @@ def _run(args: list[str], what: str) -> str:
 def perplexity(model: str | os.PathLike, text: str | os.PathLike, *, ctx: int = 512, chunks: int = 30,
                threads: int = 1, batch: int | None = None, logits_file: str | os.PathLike | None = None,
                tries: int = 4) -> dict[str, float]:
-    """llama-perplexity over `text`: {'ppl', 'stderr', 'chunks'}; `logits_file` also saves every
+    """llama-perplexity over `text`: {'ppl', 'stderr', 'chunks', 'chunk_nll'}; `logits_file` also saves every
     scored position's log-probabilities (read_logits). `batch` = `ctx` runs one chunk at a time
     (llama-perplexity prints no estimate when the text holds fewer chunks than a batch takes).
     llama.cpp's logger may drop its last lines at exit (it is never flushed): a run whose final
@@ -70,8 +70,31 @@ def perplexity(model: str | os.PathLike, text: str | os.PathLike, *, ctx: int = 
         final = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", log)
         used = re.search(r"calculating perplexity over (\d+) chunks", log)
         if final and used:
-            return {"ppl": float(final.group(1)), "stderr": float(final.group(2)), "chunks": int(used.group(1))}
+            n = int(used.group(1))
+            return {"ppl": float(final.group(1)), "stderr": float(final.group(2)), "chunks": n,
+                    "chunk_nll": chunk_nll(log, n)}
     raise LmembedError(f"llama-perplexity on {model}: no final estimate in its output after {tries} runs")
+
+
+def chunk_nll(log: str, chunks: int) -> list[float] | None:
+    """Each chunk's mean negative log-likelihood, from the running estimates llama-perplexity prints
+    ("[k]ppl_k" after chunk k: every chunk scores as many positions, so chunk k's mean is
+    k·ln ppl_k - (k-1)·ln ppl_(k-1)); None when the log does not hold one estimate per chunk."""
+    found = {int(k): float(v) for k, v in re.findall(r"\[(\d+)\](\d+\.\d+)(?=[,\s]|$)", log)}
+    if sorted(found) != list(range(1, chunks + 1)) or min(found.values()) <= 0:
+        return None
+    cum = [k * np.log(found[k]) for k in range(1, chunks + 1)]
+    return [float(c - p) for c, p in zip(cum, [0.0] + cum[:-1], strict=True)]
+
+
+def paired_delta(base: list[float], other: list[float]) -> tuple[float, float]:
+    """(perplexity change in %, its standard error in percentage points) of `other` against
+    `base`, paired over the same chunks: the rounding's luck on this text is in the error bar."""
+    if len(base) != len(other) or len(base) < 2:
+        raise LmembedError(f"paired_delta: expected two runs over the same chunks, got {len(base)} and {len(other)}")
+    d = np.asarray(other) - np.asarray(base)
+    mean, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+    return 100 * np.expm1(mean), 100 * np.exp(mean) * se
 
 
 def logprobs(model: str | os.PathLike, text: str | os.PathLike, *, ctx: int, chunks: int, threads: int = 1
