@@ -152,13 +152,20 @@ def main() -> None:
     args.quantize_types = [t for t in args.quantize_types.split(",") if t]
     args.calibrated_types = [t for t in args.calibrated_types.split(",") if t]
     from lmembed.data.texts import load_text
+    from lmembed.errors import LmembedError
     from lmembed.export import llamacpp
 
-    llamacpp.require("llama-perplexity")
+    if args.chunks <= 0:
+        ap.error(f"--chunks: expected a positive number of chunks, not {args.chunks}")
+    try:  # the scored text and the tools checked before any variant is written
+        scored = load_text(args.text)
+        llamacpp.require("llama-perplexity")
+    except LmembedError as e:
+        ap.error(str(e))
     with tempfile.TemporaryDirectory(prefix="lmembed-llamacpp-") as tmp:
         work = Path(tmp)
         text = work / "scored.txt"
-        text.write_text(load_text(args.text))
+        text.write_text(scored)
         rows = variants(source(), work, args)
         measure(rows, text, args)
         write(rows, Path(args.out), args)

@@ -75,16 +75,25 @@ def main() -> None:
     from lmembed.compression.calibration.calibrate import calibrate
     from lmembed.compression.calibration.sensitivity import INPUT_WEIGHT, sensitivity
     from lmembed.data.texts import load_text
+    from lmembed.errors import LmembedError
     from lmembed.export.blocks import decode_matrix
     from lmembed.export.calibrated_blocks import calibrated_rows, damped
     from lmembed.models.pretrained import load_pretrained
 
+    if args.windows <= 0:
+        ap.error(f"--windows: expected a positive number of windows, not {args.windows}")
+    try:
+        scored_text = load_text(args.text, max_chars=60 * 512 * args.windows)
+    except LmembedError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tok = load_pretrained("smollm2", task="causal-lm")
     emb = model.get_input_embeddings().weight.detach().clone()
     x = emb.numpy()
-    ids = torch.tensor(tok(load_text(args.text, max_chars=60 * 512 * args.windows))["input_ids"])[: 512 * args.windows]
+    ids = torch.tensor(tok(scored_text)["input_ids"])[: 512 * args.windows]
+    if len(ids) < 512 * args.windows:
+        ap.error(f"--text {args.text}: {len(ids)} tokens, fewer than --windows {args.windows} x 512")
     windows = list(ids.view(-1, 512))
     hs, ys = hidden_states(model, ids, 512)
     scored = torch.cat(hs).double()
