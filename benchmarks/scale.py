@@ -100,8 +100,8 @@ def worker(spec: dict) -> dict:
                          "bits_per_value": 8 * module.stored_bytes() / weight.numel()}
         del module
     if spec["gguf_bits"]:
-        _, s, mb = measured(lambda: gguf_rounding(weight, stats, spec["gguf_bits"], spec["seed"]))
-        steps[f"gguf within {spec['gguf_bits']:g} bits"] = {"seconds": s, "extra_mb": mb}
+        kind, s, mb = measured(lambda: gguf_rounding(weight, stats, spec["gguf_bits"], spec["seed"]))
+        steps[f"gguf within {spec['gguf_bits']:g} bits ({kind} chosen)"] = {"seconds": s, "extra_mb": mb}
     return {"matrix_mb": matrix_mb, "steps": steps}
 
 

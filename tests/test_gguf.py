@@ -4,6 +4,7 @@ copied byte for byte, and transformers' GGUF loader reading the result back."""
 from __future__ import annotations
 
 import filecmp
+import struct
 import warnings
 
 import numpy as np
@@ -58,7 +59,7 @@ def logits(model, ids):
 
 
 def test_block_types_a_row_length_can_take():
-    assert types_for_row(576) == ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
+    assert types_for_row(576) == ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL"]
     assert set(types_for_row(512)) == set(BLOCK_TYPES)
     assert types_for_row(100) == ["F32", "F16", "BF16"]
     assert BLOCK_TYPES["Q4_0"].bits_per_value == 4.5 and BLOCK_TYPES["Q6_K"].bits_per_value == 6.5625
@@ -154,6 +155,21 @@ def test_transformers_loads_the_result_with_lmembeds_logits(tiny, tmp_path, meth
     assert torch.allclose(logits(model, ids), logits(ref, ids), atol=atol, rtol=0)
 
 
+def test_transformers_loads_a_calibrated_iq4_nl_file_tied(tiny, tmp_path):
+    """IQ4_NL (codebook levels, Q4_0's bytes) loads in transformers' GGUF reader as written."""
+    dst = tmp_path / "iq4.gguf"
+    rep = compress_gguf(tiny["tied"], None, dst, gguf_type="IQ4_NL", calib=tiny["calib"], calib_tokens=256, **quiet)
+    assert rep["block_types"] == ["IQ4_NL"]
+    w, kind = read_token_embd(dst)
+    src_w, _ = read_token_embd(tiny["tied"])
+    model, _ = hf_load(dst)
+    assert kind == "IQ4_NL" and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight.detach(), torch.from_numpy(w))
+    levels = np.abs(w[:, :32] / np.abs(w[:, :32]).max(1, keepdims=True))  # each block: at most 16 levels
+    assert max(len(np.unique(r)) for r in levels) <= 16
+    assert 0 < np.abs(w - src_w).mean() < 0.2 * np.abs(src_w).mean()
+
+
 def test_trim_rewrites_the_tokenizer_metadata(tiny, tmp_path):
     dst = tmp_path / "trim.gguf"
     rep = compress_gguf(tiny["tied"], f"trim:{tiny['trim']}", dst, **quiet)
@@ -233,6 +249,17 @@ def _no_embd(tiny, tmp_path):
     return write_tiny(tmp_path / "noembd.gguf", with_embd=False)
 
 
+def _nan(tiny, tmp_path):
+    src = write_tiny(tmp_path / "nan.gguf", embd_type="F32")
+    f = GGUFFile(src)
+    at = f.data_start + f.tensor("token_embd.weight").offset + 4 * (3 * f.tensor("token_embd.weight").shape[0] + 5)
+    del f
+    data = bytearray(src.read_bytes())
+    data[at: at + 4] = struct.pack("<f", float("nan"))  # row 3, column 5
+    src.write_bytes(bytes(data))
+    return src
+
+
 def _text(tiny, tmp_path):
     (tmp_path / "notes.gguf").write_text("hello")
     return tmp_path / "notes.gguf"
@@ -243,8 +270,11 @@ CASES = [
     ("truncated", _truncated, "int8", {}, "truncated GGUF file"),
     ("no token_embd", _no_embd, "int8", {}, "has no token_embd.weight tensor"),
     ("missing", lambda t, p: p / "nope.gguf", "int8", {}, "file not found"),
-    ("row length", None, "int4", {"gguf_type": "Q6_K"}, "use one of F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0"),
-    ("unknown type", None, "int4", {"gguf_type": "IQ4_NL"}, "not a block type lmembed writes"),
+    ("nan weight", _nan, "int8", {}, "token_embd.weight row 3 holds a non-finite value; expected finite weights"),
+    ("nan weight, bits", _nan, None, {"bits": 4.5}, "token_embd.weight row 3 holds a non-finite value"),
+    ("row length", None, "int4", {"gguf_type": "Q6_K"},
+     "use one of F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1, Q4_0, IQ4_NL"),
+    ("unknown type", None, "int4", {"gguf_type": "IQ2_XXS"}, "not a block type lmembed writes"),
     ("codes too wide", None, "int8", {"gguf_type": "Q4_0"}, "they fit Q8_0 (exact)"),
     ("factorised", None, "svd:8", {}, "no GGUF block type holds; for a .gguf output use --bits B"),
     ("groupreduce", None, "groupreduce:4:8", {}, "no GGUF block type holds"),

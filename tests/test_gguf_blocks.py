@@ -84,6 +84,23 @@ def test_plain_encoders_of_every_type_rank_by_bits():
            for name in BLOCK_TYPES}
     assert err["F32"] == 0 and err["Q8_0"] < err["Q6_K"] < err["Q5_K"] < err["Q4_K"] < err["Q3_K"] < err["Q2_K"] < 0.15
     assert err["Q4_K"] < err["Q4_0"] and err["Q5_K"] < err["Q5_0"]
+    assert err["IQ4_NL"] < 0.8 * err["Q4_0"]  # the same bytes, levels placed for a block's values
+
+
+def test_iq4_nl_codes_and_polish_steps_follow_its_levels():
+    """IQ4_NL's codes index ggml's non-uniform levels: the nearest level is the nearest code, and
+    a code step moves a value by the gap to the next level, not by the scale."""
+    t = BLOCK_TYPES["IQ4_NL"]
+    levels = np.array(t.lut, dtype=np.float32)
+    u = torch.linspace(-140, 130, 1001)
+    codes = t.nearest(u).long()
+    assert torch.equal(codes, torch.from_numpy(np.abs(u.numpy()[:, None] - levels).argmin(1)))
+    from lmembed.export.calibrated_blocks import _steps
+
+    a = torch.full((16,), 0.5)
+    plus, minus = _steps(t, a, torch.arange(16, dtype=torch.int16))
+    assert torch.allclose(plus[:15], 0.5 * torch.from_numpy(np.diff(levels)))
+    assert torch.allclose(minus[1:], -0.5 * torch.from_numpy(np.diff(levels)))
 
 
 @pytest.mark.parametrize("name", INTEGER)
@@ -118,9 +135,11 @@ def test_the_budget_picks_the_cheapest_type_within_it():
         kind, costs = choose_type(x, w, metric, bits)
         assert set(costs) == set(budget_types(256, bits))
         assert BLOCK_TYPES[kind].bits_per_value <= bits and costs[kind] == min(costs.values())
-    assert choose_type(x, w, metric, 4.5)[0] in ("Q4_0", "Q4_K")
+    assert choose_type(x, w, metric, 4.5)[0] in ("Q4_0", "IQ4_NL", "Q4_K")
+    kind, costs = choose_type(x[:, :64], w, metric[:64, :64], 4.5)
+    assert kind == "IQ4_NL" and costs["IQ4_NL"] < 0.8 * costs["Q4_0"]  # same bits, lower calibrated cost
     assert choose_type(x, w, metric, 9.0, source_type="Q8_0") == ("Q8_0", {"Q8_0": 0.0})  # copied: cost 0
-    assert budget_types(576, 5.0) == ["Q4_1", "Q4_0"]  # no K-quant for rows of 576
+    assert budget_types(576, 5.0) == ["Q4_1", "Q4_0", "IQ4_NL"]  # no K-quant for rows of 576
     for bad, message in ((2.0, "the smallest is Q2_K (2.625 bits"), (float("nan"), "positive number of bits")):
         with pytest.raises(LmembedError, match=r"^bits") as e:
             budget_types(256, bad)
@@ -144,7 +163,7 @@ def test_bits_writes_a_calibrated_k_quant_and_copies_the_rest(tiny256, tmp_path)
     rep = compress_gguf(tiny256["tied"], None, dst, bits=5.0, **CALIB, **quiet)
     row = rep["tensors"][0]
     assert row["how"] == "calibrated" and BLOCK_TYPES[row["type_after"]].bits_per_value <= 5.0
-    assert set(row["candidates"]) == {"Q4_1", "Q4_0", "Q4_K", "Q3_K", "Q2_K"}
+    assert set(row["candidates"]) == {"Q4_1", "Q4_0", "IQ4_NL", "Q4_K", "Q3_K", "Q2_K"}
     assert row["type_after"] == min(row["candidates"], key=row["candidates"].get)
     assert row["cost"] < row["cost_reference"]
     a, b = GGUFFile(tiny256["tied"]), GGUFFile(dst)

@@ -40,7 +40,7 @@ def run_llamacpp(model, root):
     return llamacpp.logprobs(model, root / "text.txt", ctx=CTX, chunks=4)
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q3_K", "Q4_0"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q3_K", "Q4_0", "IQ4_NL"])
 def test_llamacpp_scores_lmembeds_blocks_as_lmembed_decodes_them(tiny, tmp_path, kind):
     dst = tmp_path / f"{kind}.gguf"
     compress_gguf(tiny["src"], None, dst, gguf_type=kind, calib_tokens=256, log=lambda s: None)

@@ -6,7 +6,7 @@ error). calibrated_blocks builds on these fits with the full M (error feedback a
 
 ``encode_matrix`` writes a plain matrix in any block type: the gguf package's reference rounding
 for the 32-value types (what llama-quantize does without an importance matrix), these fits for
-the K-quants (the gguf package does not write them)."""
+the K-quants and IQ4_NL (the gguf package does not write them)."""
 
 from __future__ import annotations
 
@@ -74,13 +74,20 @@ class SubStats:
         return a.float(), b.float()
 
 
-def levels_of(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: BlockType) -> torch.Tensor:
-    """Nearest codes of x ~ A*q + B (A, B per sub-block, broadcast), clamped to the type's range,
-    returned as levels (q - zero): the number that multiplies A."""
+def codes_of(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: BlockType) -> torch.Tensor:
+    """Nearest codes of x ~ A*q + B (A, B per sub-block, broadcast), clamped to the type's range
+    (float); a codebook type's nearest level to x / A (its B is 0)."""
     lo, hi = t.code_range
     safe = torch.where(a != 0, a, 1.0)
-    q = torch.where(a != 0, ((x - b) / safe).round(), float(t.zero)).clamp(lo, hi)
-    return q - t.zero
+    if t.lut:
+        return torch.where(a != 0, t.nearest(x / safe), float(t.zero))
+    return torch.where(a != 0, ((x - b) / safe).round(), float(t.zero)).clamp(lo, hi)
+
+
+def levels_of(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: BlockType) -> torch.Tensor:
+    """The levels of codes_of: the numbers that multiply A."""
+    q = codes_of(x, a, b, t)
+    return t.levels(q) if t.lut else q - t.zero
 
 
 def _candidates(x: torch.Tensor, t: BlockType) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -89,10 +96,11 @@ def _candidates(x: torch.Tensor, t: BlockType) -> list[tuple[torch.Tensor, torch
     a spread of steps; affine types spread the step over the sub-block's range."""
     lo, hi = t.code_range
     if not t.affine:
-        lmin, lmax = lo - t.zero, hi - t.zero
+        lmin, lmax = t.level_span
+        step = (lmax - lmin) / (hi - lo)  # 1 but for codebooks
         peak = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        ends = [lmin + s for s in np.linspace(-0.5, 2.0, SEARCH // 2)]
-        ends += [lmax + s for s in np.linspace(-1.5, 1.0, SEARCH - SEARCH // 2)]
+        ends = [lmin + s * step for s in np.linspace(-0.5, 2.0, SEARCH // 2)]
+        ends += [lmax + s * step for s in np.linspace(-1.5, 1.0, SEARCH - SEARCH // 2)]
         return [(peak / e, torch.zeros_like(peak)) for e in ends]
     low = x.amin(-1)
     if t.kbits:  # K-quants store the offset as -dmin*mn <= 0
@@ -154,7 +162,7 @@ def _super_refit(c: Coded, stats: SubStats) -> Coded:
     under the sub-blocks' metric, rounded to fp16."""
     t = c.t
     rows, per = c.q.shape[0], t.block // t.sub
-    lv = (c.q.float() - t.zero).reshape(rows, -1, t.sub)
+    lv = t.levels(c.q).reshape(rows, -1, t.sub)
     ll, l1, lx = stats.of(lv)
     sc = c.sc.float()
     mn = -c.mn.float() if t.affine else torch.zeros_like(sc)
@@ -178,13 +186,13 @@ def _super_refit(c: Coded, stats: SubStats) -> Coded:
 def rtn_codes(x: torch.Tensor, c: Coded) -> Coded:
     """The same parameters with every code rounded to nearest."""
     a, b = (p.repeat_interleave(c.t.sub, 1) for p in c.scale_offset())
-    return Coded(c.t, (levels_of(x, a, b, c.t) + c.t.zero).to(torch.int16), c.d, c.m, c.sc, c.mn)
+    return Coded(c.t, codes_of(x, a, b, c.t).to(torch.int16), c.d, c.m, c.sc, c.mn)
 
 
 def sub_errors(x: torch.Tensor, c: Coded, stats: SubStats) -> torch.Tensor:
     """Each row's error summed over its sub-blocks (block-diagonal metric)."""
     a, b = c.scale_offset()
-    forms = stats.of((c.q.float() - c.t.zero).reshape(*a.shape, -1))
+    forms = stats.of(c.t.levels(c.q).reshape(*a.shape, -1))
     return stats.error(forms, a, b).sum(-1)
 
 
@@ -233,7 +241,7 @@ def encode_matrix(x: np.ndarray | torch.Tensor, type_name: str) -> np.ndarray:
         data = x
     elif t.name == "F16":
         data = x.astype("<f2")
-    elif t.kbits:
+    elif t.kbits or t.lut:  # the gguf package writes neither
         data = np.concatenate([pack(fit_rows(torch.from_numpy(x[s: s + FIT_ROWS]), t))
                                for s in range(0, len(x), FIT_ROWS)]) if len(x) else np.zeros((0, 0), np.uint8)
     else:  # BF16 and the 32-value types: the reference rounding of the gguf package

@@ -26,7 +26,9 @@ class BlockType:
     stores q - 128 as int8), or with `affine` d * q + m, q in [0, 2**bits). K-quants (`kbits` > 0)
     cut a 256-value block into sub-blocks of `sub` values, each with an integer sub-scale of
     `sub_bits` bits (signed for the symmetric ones) times the block's fp16 d; affine K-quants add
-    an unsigned sub-min times an fp16 dmin: x = d*sc*q - dmin*mn, symmetric x = d*sc*(q - zero)."""
+    an unsigned sub-min times an fp16 dmin: x = d*sc*q - dmin*mn, symmetric x = d*sc*(q - zero).
+    A codebook type (`lut`, IQ4_NL) decodes code q to d * lut[q]: non-uniform levels, denser near
+    zero, in Q4_0's bytes."""
 
     name: str
     ggml: int  # the type's number in the file
@@ -37,6 +39,7 @@ class BlockType:
     kbits: int = 0
     sub: int = 32
     sub_bits: int = 0
+    lut: tuple[int, ...] = ()
 
     @property
     def bits_per_value(self) -> float:
@@ -58,9 +61,32 @@ class BlockType:
 
     @property
     def zero(self) -> int:
-        """The stored code of value 0 in a symmetric type (0 for affine types and Q8_0)."""
+        """The stored code of value 0 in a symmetric type (0 for affine types, Q8_0 and codebooks,
+        whose levels come from `lut`)."""
         b = self.bits or self.kbits
-        return 0 if self.affine or self.name == "Q8_0" else 1 << (b - 1)
+        return 0 if self.affine or self.lut or self.name == "Q8_0" else 1 << (b - 1)
+
+    def levels(self, q: torch.Tensor) -> torch.Tensor:
+        """The level each stored code stands for (what the step multiplies), float32."""
+        if self.lut:
+            return _codebook(self.lut)[0][q.long()]
+        return q.float() - self.zero
+
+    def nearest(self, u: torch.Tensor) -> torch.Tensor:
+        """Codebook types: the code whose level is nearest to u (in level units), as float. The
+        levels are integers, so every midpoint is a multiple of 1/2 and floor(2u) alone says which
+        side of each midpoint u lies on: one table lookup instead of a search."""
+        table, low = _codebook(self.lut)[1:]
+        idx = (u * 2).floor_().clamp_(low, low + len(table) - 1).sub_(low).long()
+        return table[idx]
+
+    @property
+    def level_span(self) -> tuple[float, float]:
+        """(lowest, highest) level."""
+        if self.lut:
+            return float(self.lut[0]), float(self.lut[-1])
+        lo, hi = self.code_range
+        return float(lo - self.zero), float(hi - self.zero)
 
     @property
     def sub_range(self) -> tuple[int, int]:
@@ -69,6 +95,25 @@ class BlockType:
             return 0, (1 << self.sub_bits) - 1
         return -(1 << (self.sub_bits - 1)), (1 << (self.sub_bits - 1)) - 1
 
+
+_CODEBOOKS: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _codebook(lut: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(levels as float32, the nearest code of every half-step k/2 from low/2 to the top level's,
+    low), built once per table. A value on a midpoint goes to the upper level."""
+    got = _CODEBOOKS.get(lut)
+    if got is None:
+        levels = torch.tensor(lut, dtype=torch.float32)
+        low, high = 2 * lut[0], 2 * lut[-1]
+        halves = torch.arange(low, high + 1, dtype=torch.float32) / 2
+        table = torch.bucketize(halves, (levels[1:] + levels[:-1]) / 2, right=True).float()
+        got = _CODEBOOKS[lut] = (levels, table, low)
+    return got
+
+
+# ggml's kvalues_iq4nl: 16 levels placed for the values of a block scaled by its largest magnitude
+IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("F32", 0, 1, 4),
@@ -79,6 +124,7 @@ BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q5_0", 6, 32, 22, bits=5),
     BlockType("Q4_1", 3, 32, 20, bits=4, affine=True),
     BlockType("Q4_0", 2, 32, 18, bits=4),
+    BlockType("IQ4_NL", 20, 32, 18, bits=4, lut=IQ4_NL_LEVELS),
     BlockType("Q6_K", 14, 256, 210, kbits=6, sub=16, sub_bits=8),
     BlockType("Q5_K", 13, 256, 176, kbits=5, affine=True, sub=32, sub_bits=6),
     BlockType("Q4_K", 12, 256, 144, kbits=4, affine=True, sub=32, sub_bits=6),
@@ -146,7 +192,7 @@ class Coded:
         a, b = (p.repeat_interleave(self.t.sub, 1) for p in self.scale_offset())
         if self.t.affine:
             return a * self.q.float() + b
-        return a * (self.q.float() - self.t.zero)
+        return a * self.t.levels(self.q)
 
 
 def fp16(x: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,10 @@ def gptq(x: torch.Tensor, c: Coded, metric: Metric) -> Coded:
     q = torch.empty(x.shape, dtype=torch.int16)
 
     def round_column(col: int, w1: torch.Tensor, j: int) -> torch.Tensor:
+        if c.t.lut:
+            code = torch.where(a[:, col] != 0, c.t.nearest(w1[:, j] * inv[:, col]), float(c.t.zero))
+            q[:, col] = code.to(torch.int16)
+            return a[:, col] * c.t.levels(code)
         code = torch.where(a[:, col] != 0, ((w1[:, j] - b[:, col]) * inv[:, col]).round(), float(c.t.zero))
         code = code.clamp_(lo, hi)
         q[:, col] = code.to(torch.int16)
@@ -100,7 +104,7 @@ def gptq(x: torch.Tensor, c: Coded, metric: Metric) -> Coded:
 def _coefficients(c: Coded) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What multiplies each block's d and m (rows x n): x̂ = d_g·α + m_g·β within block g."""
     t = c.t
-    levels = c.q.float() - t.zero
+    levels = t.levels(c.q)
     if not t.kbits:
         return levels, (torch.ones_like(levels) if t.affine else None)
     alpha = c.sc.float().repeat_interleave(t.sub, 1) * levels
@@ -132,6 +136,16 @@ def refit(x: torch.Tensor, c: Coded, metric: Metric) -> Coded:
     return Coded(c.t, c.q, d, m, c.sc, c.mn)
 
 
+def _steps(t, a: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value changes of a code step +1 and -1 (a codebook's levels are not evenly spaced; a
+    step out of range is never taken, whatever it returns)."""
+    if not t.lut:
+        return a, -a
+    lo, hi = t.code_range
+    here = t.levels(q)
+    return (a * (t.levels((q + 1).clamp(max=hi)) - here), a * (t.levels((q - 1).clamp(min=lo)) - here))
+
+
 def polish(x: torch.Tensor, c: Coded, metric: Metric, passes: int = POLISH) -> Coded:
     """Coordinate descent: per column, the ±1 code step that lowers Δ M Δᵀ most, if any."""
     lo, hi = c.t.code_range
@@ -143,18 +157,16 @@ def polish(x: torch.Tensor, c: Coded, metric: Metric, passes: int = POLISH) -> C
     for _ in range(passes):
         moved = 0
         for j in range(x.shape[1]):
-            aj = a[:, j]
-            base = 2 * aj * grad[:, j]
-            curv = aj * aj * diag[j]
-            up, down = base + curv, -base + curv  # cost change of +1 / -1
+            plus, minus = _steps(c.t, a[:, j], q[:, j])
+            up = 2 * plus * grad[:, j] + plus * plus * diag[j]  # cost change of +1 / -1
+            down = 2 * minus * grad[:, j] + minus * minus * diag[j]
             step = torch.where(up < down, 1, -1).to(torch.int16)
             gain = torch.minimum(up, down)
             ok = (gain < 0) & (q[:, j] + step >= lo) & (q[:, j] + step <= hi)
             if not bool(ok.any()):
                 continue
-            step = torch.where(ok, step, 0)
-            q[:, j] += step
-            change = aj * step
+            change = torch.where(ok, torch.where(step > 0, plus, minus), 0.0)
+            q[:, j] += torch.where(ok, step, 0)
             grad += change[:, None] * metric.m[j][None, :]
             moved += int(ok.sum())
         if not moved:

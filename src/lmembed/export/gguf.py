@@ -75,7 +75,7 @@ def code_fit(bits: int, grid: str, t: BlockType) -> str | None:
     int grid levels are integers in [-2**(bits-1), 2**(bits-1)); half-grid levels are odd
     multiples of 1/2, integers once doubled (with the scale halved): `bits + 1` bits. An affine
     type also holds them undoubled with an fp16 offset m = -(2**(bits-1) - 1/2) * d ('rounded')."""
-    if not t.bits:
+    if not t.bits or t.lut:
         return None
     if (bits if grid == "int" else bits + 1) <= t.bits:
         return "exact"
@@ -436,8 +436,11 @@ def compress_gguf(src: str | os.PathLike, method: MethodSpec | None, dst: str | 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     f = GGUFFile(src)
     d, vocab = f.matrix(EMBD).shape
-    f.matrix(OUTPUT, required=False)  # an untied head is checked too, before any work
+    head = f.matrix(OUTPUT, required=False)  # an untied head is checked too, before any work
     _check_dst(src, dst, force)
+    for tensor in (f.matrix(EMBD), head):
+        if tensor is not None:
+            f.check_finite(tensor)
     if method is None or bits is not None:
         return _calibrated_gguf(f, dst, method, gguf_type, bits, dict(
             calib=calib, calibrate=calibrate, calib_tokens=calib_tokens, seed=seed, log=log), t0)

@@ -226,15 +226,32 @@ class GGUFFile:
         return data.reshape(math.prod(t.shape[1:]), -1) if len(t.shape) > 1 else data
 
     def decode(self, t: TensorInfo) -> np.ndarray:
-        """A matrix tensor as float32 rows x ne0 (the gguf package's decoders)."""
+        """A matrix tensor as float32 rows x ne0 (the gguf package's decoders), checked finite."""
+        out = self._dequantize(t, self.stored(t))
+        self._finite(t, out)
+        return out if out.flags.writeable else out.copy()  # F32 data is a view of the read-only file
+
+    def check_finite(self, t: TensorInfo, rows: int = 16384) -> None:
+        """Decode a matrix a chunk of rows at a time and stop at the first NaN or infinity: checked
+        before a model run or a rounding would turn one into garbage without a word."""
+        stored = self.stored(t)
+        for s in range(0, len(stored), rows):
+            self._finite(t, self._dequantize(t, stored[s: s + rows]), s)
+
+    def _dequantize(self, t: TensorInfo, data: np.ndarray) -> np.ndarray:
         gguf = gguf_package()
         try:
-            out = gguf.quants.dequantize(np.asarray(self.stored(t)), gguf.GGMLQuantizationType(t.ggml))
+            out = gguf.quants.dequantize(np.asarray(data), gguf.GGMLQuantizationType(t.ggml))
         except NotImplementedError:
             raise LmembedError(f"{self.what} {self.path}: {t.name} is {t.type_name}, which the installed gguf "
                                "package cannot decode (pip install -U gguf)") from None
-        out = np.asarray(out, dtype=np.float32).reshape(-1, t.shape[0])
-        return out if out.flags.writeable else out.copy()  # F32 data is a view of the read-only file
+        return np.asarray(out, dtype=np.float32).reshape(-1, t.shape[0])
+
+    def _finite(self, t: TensorInfo, out: np.ndarray, first: int = 0) -> None:
+        bad = ~np.isfinite(out).all(1)
+        if bad.any():
+            raise LmembedError(f"{self.what} {self.path}: {t.name} row {first + int(bad.argmax())} holds a non-finite "
+                               "value; expected finite weights")
 
     def matrix(self, name: str, required: bool = True) -> TensorInfo | None:
         t = self.tensor(name)
