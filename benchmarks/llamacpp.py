@@ -20,7 +20,8 @@ chunks of 512 SmolLM2 tokens; `--text wiki:train --chunks 60` scores three times
 which the default calibration never sees either), `llama-bench -p 512 -n 64 -t 1` tokens/s (prompt,
 generation). Each change against the shipped file comes with its standard error, paired over the
 chunks: which rounding errors happen to help or hurt this particular text is part of the number.
-Targets (issue 28): calibrated Q4_0 <= +3 %, Q5_0 and Q5_1 <= +1 % over the shipped perplexity.
+Targets (issue 28): calibrated 4.5-bit types (Q4_0, IQ4_NL) <= +3 %, Q5_0 and Q5_1 <= +1 % over the
+shipped perplexity.
 Writes llamacpp.json and llamacpp.md in --out.
 """
 

@@ -86,8 +86,7 @@ def codes_of(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: BlockType) ->
 
 def levels_of(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: BlockType) -> torch.Tensor:
     """The levels of codes_of: the numbers that multiply A."""
-    q = codes_of(x, a, b, t)
-    return t.levels(q) if t.lut else q - t.zero
+    return t.levels(codes_of(x, a, b, t))
 
 
 def _candidates(x: torch.Tensor, t: BlockType) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -7,6 +7,7 @@ bytes a GGUF file stores (`pack`). Fitting codes is block_fit's (plain) and cali
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,20 +97,14 @@ class BlockType:
         return -(1 << (self.sub_bits - 1)), (1 << (self.sub_bits - 1)) - 1
 
 
-_CODEBOOKS: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, int]] = {}
-
-
+@functools.cache
 def _codebook(lut: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(levels as float32, the nearest code of every half-step k/2 from low/2 to the top level's,
     low), built once per table. A value on a midpoint goes to the upper level."""
-    got = _CODEBOOKS.get(lut)
-    if got is None:
-        levels = torch.tensor(lut, dtype=torch.float32)
-        low, high = 2 * lut[0], 2 * lut[-1]
-        halves = torch.arange(low, high + 1, dtype=torch.float32) / 2
-        table = torch.bucketize(halves, (levels[1:] + levels[:-1]) / 2, right=True).float()
-        got = _CODEBOOKS[lut] = (levels, table, low)
-    return got
+    levels = torch.tensor(lut, dtype=torch.float32)
+    low, high = 2 * lut[0], 2 * lut[-1]
+    halves = torch.arange(low, high + 1, dtype=torch.float32) / 2
+    return levels, torch.bucketize(halves, (levels[1:] + levels[:-1]) / 2, right=True).float(), low
 
 
 # ggml's kvalues_iq4nl: 16 levels placed for the values of a block scaled by its largest magnitude

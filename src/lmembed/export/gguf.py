@@ -435,12 +435,12 @@ def compress_gguf(src: str | os.PathLike, method: MethodSpec | None, dst: str | 
     t0 = time.perf_counter()
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     f = GGUFFile(src)
-    d, vocab = f.matrix(EMBD).shape
+    embd = f.matrix(EMBD)
+    d, vocab = embd.shape
     head = f.matrix(OUTPUT, required=False)  # an untied head is checked too, before any work
     _check_dst(src, dst, force)
-    for tensor in (f.matrix(EMBD), head):
-        if tensor is not None:
-            f.check_finite(tensor)
+    for tensor in (embd, head) if head is not None else (embd,):
+        f.check_finite(tensor)
     if method is None or bits is not None:
         return _calibrated_gguf(f, dst, method, gguf_type, bits, dict(
             calib=calib, calibrate=calibrate, calib_tokens=calib_tokens, seed=seed, log=log), t0)
