@@ -20,16 +20,15 @@ Writes runtime.json and runtime.md in --out.
 Targets (issue: every compressed format fast where it runs), each a pass/fail column: greedy
 generate >= 1.0 x dense tokens/s, a TOKENS-token forward >= 0.9 x dense, RSS with every row touched
 <= dense - (dense embedding bytes - stored embedding bytes) + 5 % (and peak during load <= 1.15 x
-final RSS, reported). Every timed process fixes glibc's mmap threshold at 1 MiB first, as the lmembed
-CLI does (lmembed.common.runtime.tune_allocator): with the default dynamic threshold, freed temporaries
-of a few MB stay in the heap or not depending on what was allocated before, and the same save's RSS
-with every row touched varied from 888 to 1,078 MiB over runs (SmolLM2, mixed:4.5; --default-allocator
-measures that way). Speeds are the best of --repeats calls in each of --rounds processes per variant (variants run in
-turn, round after round; memory is the highest of the rounds), in wall time and in CPU time of the
-process;
-the speed targets are judged on CPU time (one thread: the wall time of a quiet machine, while on a
-shared one the other processes' turns do not count). A model without an output layer (MiniLM) has
-no generate column.
+final RSS, reported). Every timed process fixes glibc's mmap threshold at 1 MiB first
+(lmembed.common.runtime.tune_allocator with EXACT_RSS; the CLI uses 4 MiB): with the default dynamic
+threshold, freed temporaries of a few MB stay in the heap or not depending on what was allocated
+before, and the same save's RSS with every row touched varied from 888 to 1,078 MiB over runs
+(SmolLM2, mixed:4.5; --default-allocator measures that way). Speeds are the best of --repeats calls
+in each of --rounds processes per variant (variants run in turn, round after round; memory is the
+highest of the rounds), in wall time and in CPU time of the process; the speed targets are judged
+on CPU time (one thread: the wall time of a quiet machine, while on a shared one the other
+processes' turns do not count). A model without an output layer (MiniLM) has no generate column.
 """
 
 from __future__ import annotations
@@ -69,10 +68,10 @@ def worker(spec: dict) -> dict:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     import lmembed  # noqa: F401 - registers the transformers quantizer, as users import it
-    from lmembed.common.runtime import tune_allocator
+    from lmembed.common.runtime import EXACT_RSS, tune_allocator
 
     if not spec.get("default_allocator"):
-        tune_allocator()  # dense and compressed alike: RSS is what is live, not what glibc happened to keep
+        tune_allocator(EXACT_RSS)  # dense and compressed alike: RSS is what is live, not what glibc kept
 
     base_rss, _ = rss_mb()
     t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def worker(spec: dict) -> dict:
     from lmembed.compression.calibration.calibrate import calibrate
     from lmembed.compression.registry import FitContext, parse_pipeline
 
-    tune_allocator()
+    tune_allocator(spec["mmap_mib"] << 20)  # as the CLI, unless --mmap-mib says otherwise
     model = build(spec["vocab"], spec["dim"], spec["arch"], spec["seed"])
     weight = model.get_input_embeddings().weight.detach()
     matrix_mb = weight.numel() * 4 / 2**20
@@ -181,6 +181,8 @@ def write_report(rows: list[dict], lin: list[dict], out: Path) -> None:
 
 
 def main() -> None:
+    from lmembed.common.runtime import LARGE_ALLOCATION
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -190,11 +192,15 @@ def main() -> None:
     ap.add_argument("--gguf-bits", type=float, default=4.5, help="calibrated GGUF rounding within B bits (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mmap-mib", type=int, default=LARGE_ALLOCATION >> 20,
+                    help="glibc's fixed mmap threshold in the worker, MiB (default: the CLI's)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.mmap_mib <= 0:
+        ap.error(f"--mmap-mib: expected a positive number of MiB, not {args.mmap_mib}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -202,14 +208,14 @@ def main() -> None:
     for name in (s.strip() for s in args.shapes.split(",") if s.strip()):
         vocab, dim, arch = SHAPES[name]
         spec = {"name": name, "vocab": vocab, "dim": dim, "arch": arch, "methods": methods, "seed": args.seed,
-                "threads": args.threads, "gguf_bits": args.gguf_bits}
+                "threads": args.threads, "gguf_bits": args.gguf_bits, "mmap_mib": args.mmap_mib}
         rows += rows_of(name, vocab, dim, run_child(spec))
         print(f"{name}: done", file=sys.stderr)
     sweep_rows: list[dict] = []
     for vocab in (int(v) for v in args.sweep.split(",") if v.strip()):
         spec = {"name": f"sweep-{vocab}", "vocab": vocab, "dim": 640, "arch": "gemma3", "seed": args.seed,
                 "methods": [m.strip() for m in args.sweep_methods.split(",") if m.strip()],
-                "threads": args.threads, "gguf_bits": 0}
+                "threads": args.threads, "gguf_bits": 0, "mmap_mib": args.mmap_mib}
         sweep_rows += rows_of(f"sweep V={vocab}", vocab, 640, run_child(spec))
         print(f"sweep {vocab}: done", file=sys.stderr)
     steps = {r["step"] for r in sweep_rows}

@@ -35,20 +35,24 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-LARGE_ALLOCATION = 1 << 20
+LARGE_ALLOCATION = 4 << 20  # the CLI's threshold (see tune_allocator)
+EXACT_RSS = 1 << 20  # benchmarks that read RSS as what is live
 
 
-def tune_allocator() -> bool:
-    """Give large freed blocks back to the OS at once (glibc only; a no-op elsewhere).
+def tune_allocator(threshold: int = LARGE_ALLOCATION) -> bool:
+    """Fix glibc's mmap and trim thresholds at `threshold` bytes (glibc only; a no-op elsewhere).
 
     glibc raises its mmap threshold each time a big block is freed, after which big temporaries
     (a chunk of dequantised rows, a Gram matrix) come from the heap and stay resident when freed:
-    the same compression then peaks 50-150 MB higher from run to run. A fixed 1 MiB threshold makes
-    the peak what is live. Called by the CLI, which owns its process; a library call leaves the
-    allocator to its host."""
+    the same compression then peaks 50-150 MB higher from run to run. A fixed threshold bounds what
+    the heap keeps. The CLI's is 4 MiB. Lower, every temporary of a few MB is a fresh mapping,
+    zeroed page by page: at 1 MiB the fits and the GGUF rounding ran 1.3-4x slower
+    (`benchmarks/scale.py --mmap-mib 1`; tc:4.5 of Gemma 3's 262,144 x 640 matrix, one thread:
+    319 s against 78 s). Higher, the heap keeps more: calibration of a 131,072-row model peaked at
+    3.7 copies of the matrix at 32 MiB, against 2.2 at 4 MiB. Called by the CLI, which owns its
+    process; a library call leaves the allocator to its host."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)) and bool(
-            libc.mallopt(M_TRIM_THRESHOLD, LARGE_ALLOCATION))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False

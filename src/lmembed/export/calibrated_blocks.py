@@ -147,28 +147,38 @@ def _steps(t, a: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def polish(x: torch.Tensor, c: Coded, metric: Metric, passes: int = POLISH) -> Coded:
-    """Coordinate descent: per column, the ±1 code step that lowers Δ M Δᵀ most, if any."""
+    """Coordinate descent: per column, the ±1 code step that lowers Δ M Δᵀ most, if any. The
+    gradient Δ M is kept current within a block of columns and brought up to date for the rest of
+    the row by one matmul per block (as GPTQ's lazy updates): a rank-1 update of the whole
+    gradient per column made this step memory-bound at large vocabularies."""
     lo, hi = c.t.code_range
     a, _ = _per_value(c)
     q = c.q.clone()
-    delta = c.values() - x
-    grad = delta @ metric.m
-    diag = torch.diagonal(metric.m)
+    m = metric.m
+    grad = (c.values() - x) @ m
+    diag = torch.diagonal(m)
+    n = x.shape[1]
     for _ in range(passes):
         moved = 0
-        for j in range(x.shape[1]):
-            plus, minus = _steps(c.t, a[:, j], q[:, j])
-            up = 2 * plus * grad[:, j] + plus * plus * diag[j]  # cost change of +1 / -1
-            down = 2 * minus * grad[:, j] + minus * minus * diag[j]
-            step = torch.where(up < down, 1, -1).to(torch.int16)
-            gain = torch.minimum(up, down)
-            ok = (gain < 0) & (q[:, j] + step >= lo) & (q[:, j] + step <= hi)
-            if not bool(ok.any()):
-                continue
-            change = torch.where(ok, torch.where(step > 0, plus, minus), 0.0)
-            q[:, j] += torch.where(ok, step, 0)
-            grad += change[:, None] * metric.m[j][None, :]
-            moved += int(ok.sum())
+        for s in range(0, n, GPTQ_BLOCK):
+            e = min(s + GPTQ_BLOCK, n)
+            local = grad[:, s:e].clone()
+            changes = torch.zeros_like(local)
+            for j in range(s, e):
+                plus, minus = _steps(c.t, a[:, j], q[:, j])
+                g = local[:, j - s]
+                up = 2 * plus * g + plus * plus * diag[j]  # cost change of +1 / -1
+                down = 2 * minus * g + minus * minus * diag[j]
+                step = torch.where(up < down, 1, -1).to(torch.int16)
+                ok = (torch.minimum(up, down) < 0) & (q[:, j] + step >= lo) & (q[:, j] + step <= hi)
+                if not bool(ok.any()):
+                    continue
+                change = torch.where(ok, torch.where(step > 0, plus, minus), 0.0)
+                q[:, j] += torch.where(ok, step, 0)
+                local.addr_(change, m[j, s:e])
+                changes[:, j - s] = change
+                moved += int(ok.sum())
+            grad += changes @ m[s:e]
         if not moved:
             break
     return Coded(c.t, q, c.d, c.m, c.sc, c.mn)

@@ -26,6 +26,6 @@ def gptq_columns(w: torch.Tensor, u: torch.Tensor, block: int,
         for j in range(i2 - i1):
             c = i1 + j
             e = (w1[:, j] - round_column(c, w1, j)) / u[c, c]
-            w1[:, j:] -= e[:, None] * u[c, c:i2][None, :]
+            w1[:, j:].addr_(e, u[c, c:i2], alpha=-1)  # in place: no rows x block temporary
             err[:, j] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
