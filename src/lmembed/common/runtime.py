@@ -48,8 +48,8 @@ def tune_allocator(threshold: int = LARGE_ALLOCATION) -> bool:
     the heap keeps. The CLI's is 4 MiB. Lower, every temporary of a few MB is a fresh mapping,
     zeroed page by page: at 1 MiB the fits and the GGUF rounding ran 1.3-4x slower
     (`benchmarks/scale.py --mmap-mib 1`; tc:4.5 of Gemma 3's 262,144 x 640 matrix, one thread:
-    319 s against 78 s). Higher, the heap keeps more: calibration of a 131,072-row model peaked at
-    3.7 copies of the matrix at 32 MiB, against 2.2 at 4 MiB. Called by the CLI, which owns its
+    319 s against 78 s). 4 MiB is the lowest threshold measured at full speed: the higher it is,
+    the more freed memory the heap may keep. Called by the CLI, which owns its
     process; a library call leaves the allocator to its host."""
     try:
         libc = ctypes.CDLL("libc.so.6")
